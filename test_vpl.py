@@ -1,0 +1,492 @@
+"""Promises vpl.py keeps, one per test. CPU only, tiny configurations, nothing downloaded.
+Run: python -m pytest -q test_vpl.py"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import torchvision
+
+import vpl
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VPL = os.path.join(HERE, "vpl.py")
+# A tiny demo run: 12 steps per epoch, 2 epochs, the three stages all visited.
+TINY = ["--demo-train", "384", "--demo-val", "100", "--batch-size", "32", "--epochs", "2", "--workers", "0",
+        "--log-every", "1", "--stages", "0.25,0.75", "--ramp", "0.1"]
+
+
+def run_vpl(*args, check=True, timeout=300, env=None):
+    result = subprocess.run([sys.executable, VPL, *args], capture_output=True, text=True, timeout=timeout,
+                            cwd=HERE, env={**os.environ, **(env or {})})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def model_state(out):
+    return torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted tiny run that the resume tests must reproduce bit for bit."""
+    out = str(tmp_path_factory.mktemp("reference"))
+    result = run_vpl(*TINY, "--out", out)
+    return out, result.stdout
+
+
+# ------------------------------------------------------------------------------------ the branches
+def test_parameter_counts_equal_torchvision():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(vpl.vit_b_16()) == count(torchvision.models.vit_b_16()) == 86_567_656
+    assert count(vpl.resnet50()) == count(torchvision.models.resnet50()) == 25_557_032
+
+
+def test_vit_parameter_names_are_timm_and_deit_names():
+    names = set(vpl.vit_b_16().state_dict())
+    expected = {"cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias", "head.weight", "head.bias"}
+    for i in range(12):
+        for part in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            expected |= {f"blocks.{i}.{part}.weight", f"blocks.{i}.{part}.bias"}
+    assert names == expected
+
+
+def test_resnet50_matches_torchvision():
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet50().eval()
+    for m in reference.modules():  # non-trivial BN statistics, so that eval mode really is tested
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+    ours = vpl.resnet50()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (ours.eval()(x) - reference(x)).abs().max() < 1e-4
+        # channels_last input gives the same logits
+        cl = ours.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        assert (cl - reference(x)).abs().max() < 1e-4
+
+
+def test_vit_b_16_matches_torchvision():
+    torch.manual_seed(0)
+    reference = torchvision.models.vit_b_16().eval()
+    with torch.no_grad():
+        for p in reference.parameters():  # torchvision zero-inits the head: re-draw every weight
+            p.normal_(0, 0.02)
+    ours = vpl.vit_b_16()
+    ours.load_state_dict(vpl.vit_from_torchvision(reference.state_dict()), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert (ours.eval()(x) - reference(x)).abs().max() < 1e-4
+
+
+def test_position_embedding_resize_keeps_cls_and_runs():
+    base = vpl.vit_b_16()
+    big = vpl.vit_b_16(img_size=384)
+    big.load_state_dict(base.state_dict(), strict=True)
+    assert big.pos_embed.shape == (1, 1 + 24 * 24, 768)
+    assert torch.equal(big.pos_embed[:, 0], base.pos_embed[:, 0])
+    # a smooth grid stays smooth: the resized corner patch equals the original corner patch closely
+    with torch.no_grad():
+        assert big.eval()(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "resnet_tiny"])
+def test_every_parameter_gets_a_finite_gradient(name):
+    torch.manual_seed(0)
+    model = vpl.build_branch(name, 10, 32, 0.1).train()
+    F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.randint(10, (8,))).backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "resnet_tiny"])
+def test_eval_mode_is_deterministic(name):
+    model = vpl.build_branch(name, 10, 32, 0.5).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+
+
+def test_forward_is_features_then_head():
+    for model in (vpl.vit_tiny().eval(), vpl.resnet_tiny().eval()):
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            f = model.forward_features(x)
+            assert f.shape == (2, model.num_features)
+            assert torch.equal(model.forward_head(f), model(x))
+
+
+# ------------------------------------------------------------------------------- pair learning
+def kd_by_hand(student, teacher, T):
+    """T^2 * mean over samples of sum_k p_t log(p_t / p_s), with plain Python floats."""
+    total = 0.0
+    for s_row, t_row in zip(student, teacher):
+        zs, zt = sum(math.exp(v / T) for v in s_row), sum(math.exp(v / T) for v in t_row)
+        for s, t in zip(s_row, t_row):
+            p_s, p_t = math.exp(s / T) / zs, math.exp(t / T) / zt
+            total += p_t * math.log(p_t / p_s)
+    return T * T * total / len(student)
+
+
+@pytest.mark.parametrize("T", [1.0, 2.0])
+def test_kd_loss_matches_hand_computation(T):
+    student, teacher = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]], [[0.5, 2.5, 0.0], [1.0, 1.0, 1.0]]
+    got = vpl.kd_loss(torch.tensor(student), torch.tensor(teacher), T).item()
+    assert got == pytest.approx(kd_by_hand(student, teacher, T), rel=1e-5)
+    assert vpl.kd_loss(torch.tensor(student), torch.tensor(student), T).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def tiny_pair(drop_path=0.0):
+    torch.manual_seed(0)
+    return vpl.PairModel(vpl.vit_tiny(drop_path=drop_path), vpl.resnet_tiny(), 10).train()
+
+
+def grads(loss, params):
+    return [torch.zeros_like(p) if g is None else g
+            for p, g in zip(params, torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True))]
+
+
+def test_teacher_gets_no_gradient():
+    pair = tiny_pair()
+    out = pair(torch.randn(8, 3, 32, 32))
+    _, terms = vpl.PairLoss(teacher="partner")(out, torch.randint(10, (8,)), 0.5)
+    vit_params, cnn_params = list(pair.vit.parameters()), list(pair.cnn.parameters())
+    assert all((g == 0).all() for g in grads(terms["vit_kd"], cnn_params))  # the CNN teaches, unmoved
+    assert all((g == 0).all() for g in grads(terms["cnn_kd"], vit_params))
+    assert all((g == 0).all() for g in grads(terms["pair_ce"], vit_params + cnn_params))
+    assert any((g != 0).any() for g in grads(terms["vit_kd"], vit_params))  # ... but the student learns
+    _, terms = vpl.PairLoss(teacher="pair")(out, torch.randint(10, (8,)), 0.5)
+    head = list(pair.pair_head.parameters())
+    assert all((g == 0).all() for g in grads(terms["vit_kd"] + terms["cnn_kd"], head))
+
+
+@pytest.mark.parametrize("teacher", ["partner", "pair"])
+def test_one_backward_gives_each_branch_the_gradient_of_its_own_loss(teacher):
+    pair, a = tiny_pair(), 0.5
+    out = pair(torch.randn(8, 3, 32, 32))
+    total, t = vpl.PairLoss(2.0, teacher, 0.1)(out, torch.randint(10, (8,)), a)
+    own = {"vit": (1 - a) * t["vit_ce"] + a * t["vit_kd"], "cnn": (1 - a) * t["cnn_ce"] + a * t["cnn_kd"]}
+    for branch in ("vit", "cnn"):
+        params = list(getattr(pair, branch).parameters())
+        for g_total, g_own in zip(grads(total, params), grads(own[branch], params)):
+            assert torch.allclose(g_total, g_own, atol=1e-6)
+
+
+def test_stage_and_weight_at_exact_points():
+    stages, w, ramp = "0.1,0.8", 0.5, 0.05
+    expected = [(0.0, 1, 0.0), (0.1, 2, 0.0), (0.125, 2, 0.25), (0.15, 2, 0.5), (0.5, 2, 0.5), (0.8, 3, 0.0), (1.0, 3, 0.0)]
+    for progress, stage, weight in expected:
+        assert vpl.stage_at(progress, stages) == stage, progress
+        assert vpl.pair_weight_at(progress, stages, w, ramp) == pytest.approx(weight), progress
+
+
+def test_pair_weight_zero_gives_plain_cross_entropy():
+    out = {k: torch.randn(4, 10) for k in ("vit", "cnn", "pair")}
+    target = torch.randint(10, (4,))
+    total, terms = vpl.PairLoss(label_smoothing=0.1)(out, target, 0.0)
+    ce = lambda z: F.cross_entropy(z, target, label_smoothing=0.1)  # noqa: E731
+    assert total.item() == pytest.approx((ce(out["vit"]) + ce(out["cnn"]) + ce(out["pair"])).item(), rel=1e-6)
+    # soft targets (MixUp/CutMix) work too
+    soft = F.softmax(torch.randn(4, 10), -1)
+    assert torch.isfinite(vpl.PairLoss()(out, soft, 0.5)[0])
+
+
+@pytest.mark.parametrize("progress", [0.0, 0.3, 0.9])
+def test_every_parameter_gets_a_gradient_in_every_stage(progress):
+    pair = tiny_pair(drop_path=0.1)
+    a = vpl.pair_weight_at(progress, "0.1,0.8", 0.5, 0.05)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    vpl.train_step(pair, vpl.PairLoss(), torch.randn(8, 3, 32, 32), torch.randint(10, (8,)), a, None, scaler)
+    missing = [n for n, p in pair.named_parameters() if p.grad is None]
+    assert not missing  # so DDP never needs find_unused_parameters
+
+
+@pytest.mark.parametrize("option,kwargs", [
+    ("--pair-weight", dict(pair_weight=1.5)), ("--pair-temp", dict(temperature=0.0)),
+    ("--teacher", dict(teacher="nobody")), ("--stages", dict(stages="0.9,0.1")), ("--stages", dict(stages="half")),
+    ("--ramp", dict(ramp=-0.1))])
+def test_invalid_pair_options_raise_value_error_naming_the_option(option, kwargs):
+    args = {**dict(pair_weight=0.5, temperature=1.0, teacher="partner", stages="0.1,0.8", ramp=0.05), **kwargs}
+    with pytest.raises(ValueError, match=option):
+        vpl.check_pair_options(**args)
+
+
+# ---------------------------------------------------------------------------------- the program
+def test_demo_data_is_a_function_of_the_seed():
+    a, b, c = vpl.make_demo(64, 0), vpl.make_demo(64, 0), vpl.make_demo(64, 1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+    assert len(a[1].unique()) > 5
+
+
+def test_run_logs_every_field_and_draws_the_chart(reference_run):
+    out, stdout = reference_run
+    log = read_log(out)
+    assert [h["epoch"] for h in log] == [0, 1]
+    for key in ("stage", "pair_weight", "world_size", "val_images", "val_vit_top1", "val_cnn_top1", "val_pair_top1",
+                "val_ens_top1", "val_vit_top5", "val_ens_top5", "train_vit_ce", "train_cnn_kd", "img_per_s", "time_s"):
+        assert key in log[0], key
+    assert log[0]["val_images"] == 100 and log[0]["world_size"] == 1
+    assert "stage 1 |" in stdout and "stage 2 |" in stdout and "stage 3 |" in stdout
+    assert "v ViT, c CNN" in stdout
+    for name in ("last.pt", "vit.pt", "cnn.pt"):
+        assert os.path.exists(os.path.join(out, name))
+
+
+def test_resume_after_a_stop_is_bit_identical(reference_run, tmp_path):
+    out = str(tmp_path)
+    first = run_vpl(*TINY, "--out", out, "--max-steps", "7")
+    assert "stopped at step 7" in first.stdout
+    run_vpl(*TINY, "--out", out, "--resume")
+    assert_same_weights(model_state(out), model_state(reference_run[0]))
+    assert [h["epoch"] for h in read_log(out)] == [0, 1]
+
+
+def test_eval_only_reproduces_the_logged_accuracies(reference_run):
+    out = reference_run[0]
+    result = run_vpl(*TINY, "--out", out, "--eval-only")
+    evaluated = json.loads(result.stdout.strip().splitlines()[-1])
+    last = read_log(out)[-1]
+    for key, value in evaluated.items():
+        assert value == pytest.approx(last[key], abs=1e-9), key
+
+
+def test_exported_cnn_reproduces_the_trained_logits(reference_run):
+    out = reference_run[0]
+    log = read_log(out)
+    best_epoch = max(range(len(log)), key=lambda e: log[e]["val_cnn_top1"])
+    cnn = vpl.resnet_tiny(10)
+    cnn.load_state_dict(torch.load(os.path.join(out, "cnn.pt"), weights_only=True), strict=True)
+    x = torch.randn(4, 3, 32, 32)
+    if best_epoch == len(log) - 1:  # the best epoch is the last: cnn.pt is the checkpoint's CNN
+        pair = vpl.PairModel(vpl.vit_tiny(10), vpl.resnet_tiny(10), 10)
+        pair.load_state_dict(model_state(out))
+        with torch.no_grad():
+            assert torch.equal(cnn.eval()(x), pair.cnn.eval()(x))
+    # and an exported state dict holds no wrapper prefixes
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in model_state(out))
+
+
+def ddp_rank(rank, world, port, images, targets, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    model = torch.nn.parallel.DistributedDataParallel(tiny_pair())
+    half = len(images) // world
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    vpl.train_step(model, vpl.PairLoss(), images[rank * half:(rank + 1) * half],
+                   targets[rank * half:(rank + 1) * half], 0.0, None, scaler)
+    torch.save([p.grad for p in model.module.vit.parameters()], os.path.join(result_dir, f"grad{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_step_gives_the_single_process_gradient(tmp_path):
+    torch.manual_seed(1)
+    images, targets = torch.randn(16, 3, 32, 32), torch.randint(10, (16,))
+    mp.spawn(ddp_rank, args=(2, 29400 + os.getpid() % 500, images, targets, str(tmp_path)), nprocs=2)
+    single = tiny_pair()
+    vpl.train_step(single, vpl.PairLoss(), images, targets, 0.0, None, torch.amp.GradScaler("cpu", enabled=False))
+    for rank in (0, 1):
+        for g_ddp, p in zip(torch.load(tmp_path / f"grad{rank}.pt"), single.vit.parameters()):
+            assert torch.allclose(g_ddp, p.grad, atol=1e-6)
+
+
+def test_torchrun_two_processes_count_each_val_image_once(tmp_path):
+    out = str(tmp_path / "ddp")
+    args = [*TINY, "--demo-val", "101", "--epochs", "1", "--out", out]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={29900 + os.getpid() % 90}", VPL, *args],
+                            capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = read_log(out)
+    assert log[0]["world_size"] == 2 and log[0]["val_images"] == 101
+    # one process evaluating the same checkpoint gets the same accuracies
+    single = json.loads(run_vpl(*args, "--eval-only").stdout.strip().splitlines()[-1])
+    for key, value in single.items():
+        assert value == pytest.approx(log[0][key], abs=1e-9), key
+
+
+def test_compile_and_bf16_steps_run_and_lower_the_loss():
+    pair = tiny_pair()
+    compiled = torch.compile(pair)
+    criterion, scaler = vpl.PairLoss(), torch.amp.GradScaler("cpu", enabled=False)
+    opt = torch.optim.AdamW(pair.parameters(), lr=1e-3)
+    torch.manual_seed(0)
+    images, targets = torch.randn(16, 3, 32, 32), torch.randint(10, (16,))
+    losses = []
+    for _ in range(6):
+        terms = vpl.train_step(compiled, criterion, images, targets, 0.5, torch.bfloat16, scaler)
+        opt.step()
+        opt.zero_grad()
+        losses.append(terms["total"].item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def write_image_folder(root, per_class, size=40, corrupt=()):
+    from PIL import Image
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in ("ant", "bee"):
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(per_class if split == "train" else 4):
+                pixels = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(os.path.join(root, split, c, f"{i}.png"))
+    for split, c, i in corrupt:
+        with open(os.path.join(root, split, c, f"{i}.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n this is not an image")
+
+
+FOLDER_ARGS = ["--preset", "demo", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
+
+
+def test_image_folder_trains_and_a_corrupt_image_is_replaced_with_a_warning(tmp_path):
+    write_image_folder(tmp_path / "data", 104, corrupt=[("train", "ant", 3)])  # 1 of 208: < 1%
+    out = str(tmp_path / "out")
+    result = run_vpl("--data", str(tmp_path / "data"), *FOLDER_ARGS, "--epochs", "1", "--out", out)
+    warnings = [line for line in result.stderr.splitlines() if "unreadable image" in line]
+    assert len(warnings) == 1 and os.path.join("ant", "3.png") in warnings[0]
+    log = read_log(out)
+    assert log[0]["bad_images"] == 1 and log[0]["val_images"] == 8
+
+
+def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path):
+    data, out = tmp_path / "data", str(tmp_path / "out")
+    write_image_folder(data, 12)
+    run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", out)
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    write_image_folder(data, 12, corrupt=[("train", "bee", i) for i in range(4)])
+    result = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "2", "--out", out, "--resume", check=False)
+    assert result.returncode == 3
+    assert "unreadable images this epoch" in result.stdout
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before
+
+
+def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
+    d = tmp_path
+    (d / "no_val" / "train" / "a").mkdir(parents=True)
+    (d / "no_classes" / "train").mkdir(parents=True)
+    (d / "no_classes" / "val").mkdir(parents=True)
+    write_image_folder(d / "no_images", 1)
+    for split in ("train", "val"):
+        shutil.rmtree(d / "no_images" / split)
+        (d / "no_images" / split / "a").mkdir(parents=True)
+    write_image_folder(d / "mismatch", 1)
+    os.rename(d / "mismatch" / "val" / "bee", d / "mismatch" / "val" / "wasp")
+    other = d / "other"
+    shutil.copytree(reference_run[0], other)
+    cases = {
+        "missing path": ["--data", str(d / "nowhere")],
+        "no val split": ["--data", str(d / "no_val")],
+        "no class folders": ["--data", str(d / "no_classes")],
+        "no images": ["--data", str(d / "no_images")],
+        "val classes differ": ["--data", str(d / "mismatch")],
+        "pair weight": ["--pair-weight", "1.5"],
+        "stages": ["--stages", "0.9,0.1"],
+        "temperature": ["--pair-temp", "0"],
+        "batch size": ["--batch-size", "0"],
+        "accumulation": ["--accum-steps", "0"],
+        "unknown preset": ["--preset", "huge"],
+        "unknown flag": ["--epoch", "3"],
+        "resume without checkpoint": ["--resume", "--out", str(d / "empty")],
+        "resume other models": [*TINY, "--resume", "--out", str(other), "--cnn", "vit_tiny"],
+        "fresh run over a checkpoint": [*TINY, "--out", str(other)],
+        "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    procs = {name: subprocess.Popen([sys.executable, VPL, *args, "--out", args[args.index("--out") + 1]
+                                     if "--out" in args else str(d / "out")],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
+             for name, args in cases.items()}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2, (name, stderr[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("vpl: error:"), (name, stderr)
+    assert open(other / "last.pt", "rb").read() == open(os.path.join(reference_run[0], "last.pt"), "rb").read()
+
+
+def test_nonfinite_loss_stops_naming_the_term_and_keeps_the_checkpoint(reference_run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], out)
+    before = open(os.path.join(out, "last.pt"), "rb").read()
+    result = run_vpl(*TINY, "--out", out, "--resume", "--epochs", "3", "--lr-vit", "1e30", "--max-bad-steps", "2",
+                     check=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "non-finite loss at step" in result.stdout and "vit_ce" in result.stdout
+    assert open(os.path.join(out, "last.pt"), "rb").read() == before
+
+
+def wait_for(predicate, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_saves_and_resume_is_bit_identical(reference_run, tmp_path):
+    out = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, VPL, *TINY, "--out", out, "--workers", "2"],
+                            stdout=subprocess.PIPE, text=True, cwd=HERE)
+    for line in proc.stdout:  # stop in the middle of the first epoch
+        if "| step 5/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    assert "stopped at step" in rest and "(signal)" in rest
+    run_vpl(*TINY, "--out", out, "--resume")  # with 0 workers: augmentation does not depend on them
+    assert_same_weights(model_state(out), model_state(reference_run[0]))
+
+
+def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(reference_run, tmp_path):
+    out = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, VPL, *TINY, "--out", out], stdout=subprocess.DEVNULL, cwd=HERE)
+    assert wait_for(lambda: os.path.exists(os.path.join(out, "last.pt")))
+    proc.send_signal(signal.SIGKILL)  # right after the first checkpoint appeared: maybe mid-write of nothing,
+    proc.wait()                       # maybe mid-step; the atomic write leaves a whole file either way
+    torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    run_vpl(*TINY, "--out", out, "--resume")
+    assert_same_weights(model_state(out), model_state(reference_run[0]))
+
+
+# ------------------------------------------------------------------------------ bench and chart
+def test_bench_prints_every_figure(capsys):
+    vpl.main(["--bench", "--batch-size", "4"])
+    printed = capsys.readouterr().out
+    for figure in ("ViT:", "CNN:", "pair:", "img/s", "spread", "GFLOP/img", "pair overhead"):
+        assert figure in printed, figure
+
+
+def test_text_chart_marks_stages_and_both_branches():
+    history = [{"val_vit_top1": 10.0 * e, "val_cnn_top1": 20.0 + 5 * e} for e in range(10)]
+    chart = vpl.text_chart(history, "0.2,0.8", 10, height=5).splitlines()
+    assert chart[0].strip().startswith("90.0") and chart[4].strip().startswith("0.0")
+    assert chart[0].endswith("v")          # ViT at the top in the last epoch
+    assert chart[4].split()[1][0] == "v"   # ... and at the bottom in the first
+    assert chart[5].count("|") == 2        # two stage boundaries: epochs 2 and 8

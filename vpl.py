@@ -1,0 +1,1180 @@
+"""vpl.py - Vision Pair Learning (VPL, arXiv 2112.00965) in one file.
+
+A ViT-B/16 and a ResNet-50 train side by side on the same batches. A pair learning module lets each
+branch learn from its partner during the middle stage of training, so that both end better than alone.
+Everything is written here from scratch: both branches, the pair loss, the staged schedule, the
+input pipeline, DDP and a CUDA fast path. Beyond the paper's abstract the method is our
+reconstruction (README, "The method"); every choice is a flag.
+
+    python vpl.py                                          # CPU demo: tiny branches, built-in data
+    torchrun --nproc_per_node=8 vpl.py --data /imagenet    # the real job: ViT-B/16 + ResNet-50
+    python vpl.py --bench --preset imagenet                # training throughput against torchvision
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import statistics
+import sys
+import threading
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+
+
+# ----------------------------------------------------------------------------------------- config
+def opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    """Every knob of a run. The defaults are the CPU demo; PRESETS override them; flags override both."""
+    preset: str = opt("", "demo or imagenet (default: imagenet when --data is a folder, else demo)",
+                      ["", "demo", "imagenet"])
+    # data
+    data: str = opt("demo", "'demo' (built in), 'cifar10', 'cifar100', or an ImageFolder root with train/ and val/")
+    data_root: str = opt("./data", "where CIFAR is downloaded to")
+    demo_train: int = opt(8000, "images in the demo's train split")
+    demo_val: int = opt(2000, "images in the demo's val split")
+    img_size: int = opt(32, "image side, pixels")
+    workers: int = opt(2, "data loading processes per GPU")
+    # models
+    vit: str = opt("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
+    cnn: str = opt("resnet_tiny", "partner branch (a ViT here gives the ViT+ViT ablation)",
+                   ["resnet_tiny", "resnet50", "vit_tiny", "vit_b_16"])
+    drop_path: float = opt(0.1, "stochastic depth rate of the ViT's last block")
+    init: str = opt("", "'torchvision': start both branches from torchvision's ImageNet weights", ["", "torchvision"])
+    init_vit: str = opt("", "ViT checkpoint to start from (timm/DeiT or torchvision format)")
+    init_cnn: str = opt("", "ResNet checkpoint to start from (torchvision format)")
+    # optimization
+    epochs: int = opt(10, "training epochs")
+    batch_size: int = opt(128, "images per process per micro-step")
+    accum_steps: int = opt(1, "micro-steps per optimizer step")
+    lr_vit: float = opt(4e-3, "AdamW peak lr per 512 images of global batch")
+    lr_cnn: float = opt(0.8, "SGD peak lr per 1024 images of global batch")
+    min_lr_vit: float = opt(1e-5, "AdamW lr at the end of the cosine")
+    wd_vit: float = opt(0.05, "AdamW weight decay")
+    wd_cnn: float = opt(5e-5, "SGD weight decay")
+    warmup_epochs: float = opt(1.0, "linear lr warm-up, epochs")
+    clip_grad: float = opt(0.0, "max gradient norm per branch (0: off)")
+    label_smoothing: float = opt(0.1, "label smoothing of every cross-entropy")
+    mixup: float = opt(0.0, "MixUp alpha (0: off)")
+    cutmix: float = opt(0.0, "CutMix alpha (0: off)")
+    randaug: int = opt(0, "RandAugment magnitude (0: off)")
+    reprob: float = opt(0.0, "RandomErasing probability")
+    ema: float = opt(0.0, "EMA decay per step of both branches (0: off)")
+    # pair learning
+    pair_weight: float = opt(0.5, "a: weight of the partner loss in stage 2, in [0, 1]")
+    pair_temp: float = opt(1.0, "T: distillation temperature, > 0")
+    teacher: str = opt("partner", "who teaches each branch", ["partner", "pair"])
+    stages: str = opt("0.1,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
+    ramp: float = opt(0.05, "fraction of training over which a ramps up at the start of stage 2")
+    # system
+    device: str = opt("auto", "auto, cpu, cuda")
+    amp: str = opt("auto", "autocast dtype (auto: bf16 on CUDA, off on the CPU)", ["auto", "off", "bf16", "fp16"])
+    compile: str = opt("auto", "torch.compile the pair (auto: on CUDA)", ["auto", "on", "off"])
+    sync_bn: bool = opt(False, "SyncBatchNorm in the CNN (CUDA, several GPUs)")
+    seed: int = opt(0, "seed of everything: data, init, augmentation")
+    out: str = opt("", "output folder (default runs/<preset>)")
+    resume: bool = opt(False, "continue from <out>/last.pt (which must exist)")
+    auto_resume: bool = opt(False, "continue from <out>/last.pt if it exists (elastic restarts)")
+    eval_only: bool = opt(False, "evaluate <out>/last.pt and exit")
+    bench: bool = opt(False, "measure training throughput on synthetic batches and exit")
+    log_every: int = opt(50, "optimizer steps between progress lines")
+    max_steps: int = opt(0, "stop (and save) after this many optimizer steps in all (0: no limit)")
+    max_bad_steps: int = opt(5, "consecutive non-finite steps before the run stops")
+
+
+PRESETS = {
+    "demo": {},
+    # ViT: DeiT-B (arXiv 2012.12877); ResNet: torchvision's current recipe; data as DeiT.
+    "imagenet": dict(vit="vit_b_16", cnn="resnet50", img_size=224, epochs=300, batch_size=128,
+                     workers=10, lr_vit=5e-4, lr_cnn=0.5, wd_cnn=2e-5, warmup_epochs=5.0,
+                     mixup=0.8, cutmix=1.0, randaug=9, reprob=0.25, log_every=100),
+}
+DATASETS = ("demo", "cifar10", "cifar100")
+
+
+class UserError(Exception):
+    """Bad input: printed as one line, exit code 2, no traceback."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"vpl: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_config(argv=None):
+    """Flags from Config's fields; the preset fills what the command line leaves out."""
+    parser = OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    for f in fields(Config):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=meta["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), choices=meta["choices"], help=meta["help"])
+    given = vars(parser.parse_args(argv))
+    preset = given.get("preset") or ("demo" if given.get("data", "demo") in DATASETS else "imagenet")
+    cfg = Config(**{**asdict(Config()), **PRESETS[preset], **given, "preset": preset})
+    cfg.out = cfg.out or os.path.join("runs", preset)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    for name in ("batch_size", "accum_steps", "epochs", "log_every", "img_size", "max_bad_steps"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("max_steps", "workers", "warmup_epochs", "clip_grad", "mixup", "cutmix", "randaug", "demo_val"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.ema < 1 or not 0 <= cfg.reprob <= 1 or not 0 <= cfg.label_smoothing < 1:
+        raise UserError("--ema and --label-smoothing must be in [0, 1), --reprob in [0, 1]")
+    try:
+        check_pair_options(cfg.pair_weight, cfg.pair_temp, cfg.teacher, cfg.stages, cfg.ramp)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+# --------------------------------------------------------------------------------------- ViT-B/16
+# "An Image is Worth 16x16 Words", arXiv 2010.11929; training recipe and names of DeiT, arXiv 2012.12877.
+class DropPath(nn.Module):
+    """Stochastic depth (arXiv 1603.09382): while training, drop a residual branch for whole samples."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)  # rescale so that the expected output is unchanged
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection and PyTorch's fused SDPA kernel."""
+
+    def __init__(self, dim, heads, attn_drop=0.0):
+        super().__init__()
+        self.heads, self.attn_drop = heads, attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        # (B, N, 3C) -> (3, B, heads, N, C // heads)
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, heads, N, d) -> (B, N, C)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    """Cuts the image into patches and projects each one to a token, as one strided convolution."""
+
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, 3, H, W) -> (B, C, H/p, W/p) -> (B, N, C)
+
+
+def resize_pos_embed(pos_embed, grid):
+    """Bicubic resize of a (1, 1 + g*g, C) position embedding to a grid x grid one; the cls slot is kept."""
+    cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
+    old = int(math.sqrt(patches.shape[1]))
+    patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, N, C) -> (1, C, g, g)
+    patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
+    return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(cls.dtype)], dim=1)
+
+
+class ViT(nn.Module):
+    """Vision Transformer with a cls token, learned position embedding and pre-norm blocks.
+    Parameter names follow timm/DeiT, so their checkpoints load with strict=True."""
+
+    def __init__(self, img_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0,
+                 drop_path=0.0, num_classes=1000):
+        super().__init__()
+        self.grid, self.num_features = img_size // patch_size, dim
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid ** 2, dim))
+        rates = torch.linspace(0, drop_path, depth).tolist()  # deeper blocks are dropped more often
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio, r) for r in rates])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        key = prefix + "pos_embed"  # a checkpoint made at another resolution: resize its grid to ours
+        if key in state_dict and state_dict[key].shape != self.pos_embed.shape:
+            state_dict[key] = resize_pos_embed(state_dict[key], self.grid)
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)                                            # (B, N, C)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)   # (B, 1 + N, C)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        return x[:, 0]                                                     # cls token: (B, C)
+
+    def forward_head(self, f):
+        return self.head(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def vit_b_16(num_classes=1000, img_size=224, drop_path=0.1):
+    """ViT-B/16 (DeiT-B): 86,567,656 parameters with 1000 classes at 224 px."""
+    return ViT(img_size, 16, 768, 12, 12, 4.0, drop_path, num_classes)
+
+
+def vit_tiny(num_classes=10, img_size=32, drop_path=0.1):
+    """A 4-block, 128-wide ViT with 4 px patches, for 32 px images on the CPU."""
+    return ViT(img_size, 4, 128, 4, 4, 2.0, drop_path, num_classes)
+
+
+def vit_from_torchvision(state_dict):
+    """Renames a torchvision vit_b_16 state dict to this file's (timm/DeiT) parameter names."""
+    renames = [("class_token", "cls_token"), ("conv_proj", "patch_embed.proj"),
+               ("encoder.pos_embedding", "pos_embed"), ("encoder.ln.", "norm."), ("heads.head", "head"),
+               ("encoder.layers.encoder_layer_", "blocks."), ("ln_1", "norm1"), ("ln_2", "norm2"),
+               ("self_attention.in_proj_", "attn.qkv."), ("self_attention.out_proj", "attn.proj"),
+               ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2")]
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+# -------------------------------------------------------------------------------------- ResNet-50
+# "Deep Residual Learning", arXiv 1512.03385; v1.5 and names as torchvision's, so its weights load.
+def conv3x3(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+
+
+def conv1x1(cin, cout, stride=1):
+    return nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3, 1x1 expand, plus the shortcut. v1.5: the stride sits on the 3x3 conv, not the
+    first 1x1, which costs a little speed for about +0.5% top-1 (torchvision, NVIDIA)."""
+    expansion = 4
+
+    def __init__(self, cin, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1, self.bn1 = conv1x1(cin, planes), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = conv1x1(planes, planes * 4), nn.BatchNorm2d(planes * 4)
+        self.relu, self.downsample = nn.ReLU(inplace=True), downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
+class ResNet(nn.Module):
+    """ResNet of Bottleneck blocks. `small_stem` swaps the 7x7/2 conv and max-pool for one 3x3/1 conv
+    (for 32 px images); `width` is the channels of the stem (64 in ResNet-50)."""
+
+    def __init__(self, layers=(3, 4, 6, 3), num_classes=1000, width=64, small_stem=False):
+        super().__init__()
+        self.conv1 = conv3x3(3, width) if small_stem else nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1, self.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
+        self.inplanes = width
+        self.layer1 = self._make_layer(width, layers[0], 1)
+        self.layer2 = self._make_layer(width * 2, layers[1], 2)
+        self.layer3 = self._make_layer(width * 4, layers[2], 2)
+        self.layer4 = self._make_layer(width * 8, layers[3], 2)
+        self.num_features = width * 8 * Bottleneck.expansion
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(self.num_features, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():  # each block starts as the identity (arXiv 1706.02677)
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+
+    def _make_layer(self, planes, blocks, stride):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * 4:
+            downsample = nn.Sequential(conv1x1(self.inplanes, planes * 4, stride), nn.BatchNorm2d(planes * 4))
+        layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * 4
+        layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))             # (B, w, H/4, W/4)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))       # (B, 32w, H/32, W/32)
+        return torch.flatten(self.avgpool(x), 1)                         # (B, 32w)
+
+    def forward_head(self, f):
+        return self.fc(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def resnet50(num_classes=1000):
+    """ResNet-50 v1.5: 25,557,032 parameters with 1000 classes."""
+    return ResNet((3, 4, 6, 3), num_classes)
+
+
+def resnet_tiny(num_classes=10):
+    """A narrow ResNet of the same Bottleneck, one block per stage, 3x3 stem: for 32 px on the CPU."""
+    return ResNet((1, 1, 1, 1), num_classes, width=8, small_stem=True)
+
+
+BRANCHES = {"vit_b_16": vit_b_16, "vit_tiny": vit_tiny, "resnet50": resnet50, "resnet_tiny": resnet_tiny}
+
+
+def build_branch(name, num_classes, img_size, drop_path):
+    if name.startswith("vit"):
+        return BRANCHES[name](num_classes, img_size=img_size, drop_path=drop_path)
+    return BRANCHES[name](num_classes)
+
+
+# ---------------------------------------------------------------------------------- pair learning
+# The pair learning module (PLM): a pair head, the partner losses and the three-stage schedule.
+class PairHead(nn.Module):
+    """The pair's own prediction: LayerNorm on each branch's feature, concatenate, one Linear.
+    Its input is detached, so it learns to combine the branches and never pulls on them."""
+
+    def __init__(self, dim_a, dim_b, num_classes):
+        super().__init__()
+        self.norm_a, self.norm_b = nn.LayerNorm(dim_a), nn.LayerNorm(dim_b)
+        self.fc = nn.Linear(dim_a + dim_b, num_classes)
+
+    def forward(self, feat_a, feat_b):
+        return self.fc(torch.cat([self.norm_a(feat_a.detach()), self.norm_b(feat_b.detach())], dim=1))
+
+
+class PairModel(nn.Module):
+    """The two branches and the pair head as one module, so that one DDP and one torch.compile cover
+    all. Any two modules with forward_features, forward_head and num_features can be the branches."""
+
+    def __init__(self, vit, cnn, num_classes):
+        super().__init__()
+        self.vit, self.cnn = vit, cnn
+        self.pair_head = PairHead(vit.num_features, cnn.num_features, num_classes)
+
+    def forward(self, x):
+        f_vit = self.vit.forward_features(x)
+        f_cnn = self.cnn.forward_features(x.contiguous(memory_format=torch.channels_last))
+        return {"vit": self.vit.forward_head(f_vit), "cnn": self.cnn.forward_head(f_cnn),
+                "pair": self.pair_head(f_vit, f_cnn), "vit_feat": f_vit, "cnn_feat": f_cnn}
+
+
+def kd_loss(student, teacher, temperature=1.0):
+    """Distillation (arXiv 1503.02531): T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes and
+    averaged over the batch ('batchmean', not 'mean', which would also divide by the classes); fp32."""
+    log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * temperature ** 2  # keeps the gradient's scale independent of T
+
+
+class PairLoss(nn.Module):
+    """Per branch (1 - a) * CE(labels) + a * KD(teacher), plus the pair head's own CE.
+    teacher='partner': each branch is taught by the other (deep mutual learning, arXiv 1706.00384);
+    teacher='pair': the pair head teaches both. Returns the total and a dict of every term."""
+
+    def __init__(self, temperature=1.0, teacher="partner", label_smoothing=0.0):
+        super().__init__()
+        self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
+
+    def forward(self, out, target, pair_weight):
+        def ce(logits):  # target: class indices, or probabilities after MixUp/CutMix
+            return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+
+        vit_teacher, cnn_teacher = (out["cnn"], out["vit"]) if self.teacher == "partner" else (out["pair"],) * 2
+        terms = {"vit_ce": ce(out["vit"]), "vit_kd": kd_loss(out["vit"], vit_teacher, self.temperature),
+                 "cnn_ce": ce(out["cnn"]), "cnn_kd": kd_loss(out["cnn"], cnn_teacher, self.temperature),
+                 "pair_ce": ce(out["pair"])}
+        a = pair_weight
+        total = ((1 - a) * (terms["vit_ce"] + terms["cnn_ce"]) + a * (terms["vit_kd"] + terms["cnn_kd"])
+                 + terms["pair_ce"])
+        return total, terms
+
+
+def parse_stages(stages):
+    """'S1,S2' -> (S1, S2), checked: 0 <= S1 <= S2 <= 1."""
+    try:
+        s1, s2 = (float(s) for s in stages.split(","))
+    except ValueError:
+        raise ValueError(f"--stages must be two fractions 'S1,S2', got {stages!r}") from None
+    if not 0 <= s1 <= s2 <= 1:
+        raise ValueError(f"--stages must satisfy 0 <= S1 <= S2 <= 1, got {stages!r}")
+    return s1, s2
+
+
+def check_pair_options(pair_weight, temperature, teacher, stages, ramp):
+    """Raises ValueError naming the first invalid pair-learning option."""
+    if not 0 <= pair_weight <= 1:
+        raise ValueError(f"--pair-weight must be in [0, 1], got {pair_weight}")
+    if not temperature > 0:
+        raise ValueError(f"--pair-temp must be > 0, got {temperature}")
+    if teacher not in ("partner", "pair"):
+        raise ValueError(f"--teacher must be 'partner' or 'pair', got {teacher!r}")
+    if not 0 <= ramp <= 1:
+        raise ValueError(f"--ramp must be in [0, 1], got {ramp}")
+    parse_stages(stages)
+
+
+def stage_at(progress, stages):
+    """Stage at a training progress in [0, 1]: 1 warm-up (each alone), 2 pair, 3 solo."""
+    s1, s2 = parse_stages(stages) if isinstance(stages, str) else stages
+    return 1 if progress < s1 else 2 if progress < s2 else 3
+
+
+def pair_weight_at(progress, stages, pair_weight, ramp):
+    """The weight a of the partner loss: 0 outside stage 2, ramped linearly over `ramp` from S1."""
+    s1 = parse_stages(stages)[0] if isinstance(stages, str) else stages[0]
+    if stage_at(progress, stages) != 2:
+        return 0.0
+    return pair_weight * (min(1.0, (progress - s1) / ramp) if ramp > 0 else 1.0)
+
+
+# ------------------------------------------------------------------------------------------- data
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, for every dataset
+
+
+def make_demo(n, seed, img_size=32, classes=10):
+    """The built-in data set: class k is a random 5x5 glyph, drawn at a random place, angle, scale and
+    colour on a textured background, with noise and a faint distractor glyph. Same seed, same images."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    glyphs = (rand(classes, 1, 5, 5) < 0.5).float()
+    labels = torch.randint(classes, (n,), generator=g)
+
+    def draw(glyph_ids, zoom):  # affine-warp each glyph into an image-sized mask: (n, 1, H, W)
+        angle, scale = (rand(n) - 0.5) * math.radians(50), zoom * (0.8 + 0.4 * rand(n))
+        cos, sin, shift = torch.cos(angle) * scale, torch.sin(angle) * scale, (rand(n, 2) - 0.5) * 0.8
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = F.affine_grid(theta, [n, 1, img_size, img_size], align_corners=False)
+        return F.grid_sample(glyphs[glyph_ids], grid, align_corners=False)
+
+    background = 0.45 * rand(n, 3, 1, 1)  # dark grounds, light glyphs: shape, not colour, tells the class
+    texture = F.interpolate(rand(n, 3, 4, 4), size=img_size, mode="bilinear", align_corners=False)
+    image = background + 0.2 * texture
+    distractor = draw(torch.randint(classes, (n,), generator=g), 3.0)  # a smaller, fainter other glyph
+    image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * distractor * 0.5
+    mask = draw(labels, 1.8)
+    image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * mask
+    image = image + 0.05 * torch.randn(image.shape, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+class Augmented(Dataset):
+    """Wraps a dataset: item (epoch, i) is base[i] transformed with an RNG seeded from (seed, epoch, i),
+    so a run's augmentation does not depend on workers or on where it resumed. An unreadable image
+    is reported once and replaced by the next readable one; the third output flags that."""
+
+    def __init__(self, base, transform, seed):
+        self.base, self.transform, self.seed, self.warned = base, transform, seed, set()
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        for attempt in range(16):
+            j = (index + attempt) % len(self.base)
+            try:
+                image, label = self.base[j]
+                break
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt or truncated files
+                if j not in self.warned:
+                    self.warned.add(j)
+                    path = self.base.samples[j][0] if hasattr(self.base, "samples") else j
+                    print(f"vpl: warning: unreadable image {path} ({type(e).__name__}); using another", file=sys.stderr)
+        else:
+            raise RuntimeError(f"16 unreadable images in a row from index {index}")
+        with torch.random.fork_rng(devices=[]):  # the global RNG of the caller stays untouched
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2 ** 63)
+            return self.transform(image), int(label), int(attempt > 0)
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that yields (epoch, index) keys for Augmented, and can start `start` samples
+    into the epoch (resuming mid-epoch)."""
+
+    def __init__(self, dataset, world, rank, seed):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def build_transforms(cfg, from_files):
+    """Train and val transforms: ImageNet's (RandomResizedCrop / resize-center-crop) for image files,
+    pad-and-crop for data already at its size (demo, CIFAR); RandAugment, RandomErasing if asked."""
+    from torchvision.transforms import InterpolationMode, v2
+    size, bicubic = cfg.img_size, InterpolationMode.BICUBIC
+    if from_files:
+        train = [v2.RandomResizedCrop(size, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip()]
+        val = [v2.Resize(int(size / 0.875), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
+    else:
+        train, val = [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()], []
+    train += [v2.RandAugment(magnitude=cfg.randaug)] if cfg.randaug else []
+    tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    erase = [v2.RandomErasing(cfg.reprob)] if cfg.reprob else []
+    return v2.Compose(train + tensor + erase), v2.Compose(val + tensor)
+
+
+def check_image_folder(root):
+    """Checks an ImageNet-style root before any heavy work; returns the class names."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    if not os.path.isdir(root):
+        raise UserError(f"--data {root}: no such folder")
+    classes = {}
+    for split in ("train", "val"):
+        path = os.path.join(root, split)
+        if not os.path.isdir(path):
+            raise UserError(f"--data {root}: no '{split}' folder (expected {root}/train/<class>/*.jpg and val/)")
+        classes[split] = sorted(d.name for d in os.scandir(path) if d.is_dir())
+        if not classes[split]:
+            raise UserError(f"--data {root}: {path} has no class folders")
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for c in classes[split] for f in os.listdir(os.path.join(path, c))):
+            raise UserError(f"--data {root}: {path} has class folders but no images")
+    if classes["train"] != classes["val"]:
+        extra = sorted(set(classes["train"]) ^ set(classes["val"]))[:3]
+        raise UserError(f"--data {root}: val classes differ from train's (e.g. {extra})")
+    return classes["train"]
+
+
+def build_datasets(cfg):
+    """(train, val, num_classes) as Augmented datasets, from the demo, CIFAR or an ImageFolder."""
+    import torchvision
+    if cfg.data == "demo":
+        images, labels = make_demo(cfg.demo_train + cfg.demo_val, cfg.seed, cfg.img_size)
+        n = cfg.demo_train
+        train, val, classes = TensorDataset(images[:n], labels[:n]), TensorDataset(images[n:], labels[n:]), 10
+    elif cfg.data in ("cifar10", "cifar100"):
+        make = getattr(torchvision.datasets, cfg.data.upper())
+        try:
+            train, val = make(cfg.data_root, train=True, download=True), make(cfg.data_root, train=False, download=True)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--data {cfg.data}: cannot download to {cfg.data_root} ({e})") from None
+        classes = len(train.classes)
+    else:
+        classes = len(check_image_folder(cfg.data))
+        try:
+            train = torchvision.datasets.ImageFolder(os.path.join(cfg.data, "train"))
+            val = torchvision.datasets.ImageFolder(os.path.join(cfg.data, "val"))
+        except FileNotFoundError as e:  # a class folder without images
+            raise UserError(f"--data {cfg.data}: {e}") from None
+    train_tf, val_tf = build_transforms(cfg, from_files=cfg.data not in DATASETS)
+    return Augmented(train, train_tf, cfg.seed), Augmented(val, val_tf, cfg.seed), classes
+
+
+def ignore_sigint(_worker_id):
+    # Ctrl-C reaches the whole process group: the main process alone handles it and saves
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def build_loaders(cfg, train_set, val_set, rank, world, cuda):
+    sampler = EpochSampler(train_set, world, rank, cfg.seed)
+    common = dict(num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0,
+                  worker_init_fn=ignore_sigint)
+    train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True,
+                       generator=torch.Generator().manual_seed(cfg.seed + rank), **common)
+    # val: a plain shard per rank, no padding, so that each image is counted exactly once
+    val = DataLoader(val_set, cfg.batch_size, sampler=[(0, i) for i in range(rank, len(val_set), world)], **common)
+    return train, val
+
+
+def build_mix(cfg, num_classes):
+    """Batch-level MixUp / CutMix (one of them, at random, per batch), or None."""
+    from torchvision.transforms import v2
+    mixes = ([v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup else []) + \
+            ([v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix else [])
+    return v2.RandomChoice(mixes) if mixes else None
+
+
+# ------------------------------------------------------------------------------------ distributed
+def setup_distributed(device):
+    """Reads torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE); returns (rank, world, device).
+    Plain `python vpl.py` is one process without a process group."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        torch.cuda.set_device(local_rank)  # before anything touches CUDA, or every rank lands on GPU 0
+        device = f"cuda:{local_rank}"
+    if world > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return rank, world, torch.device(device)
+
+
+def all_sum(tensor, world):
+    if world > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def sync_buffers(module, world):
+    """Gives every rank rank 0's BatchNorm statistics, so that all evaluate (and save) the same model."""
+    if world > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
+# ------------------------------------------------------------------------ training and evaluation
+def param_groups(module, weight_decay):
+    """No weight decay on norms, biases and tokens (DeiT, torchvision); decay on the rest."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(arch, modules, cfg, global_batch, cuda):
+    """AdamW for a ViT (DeiT's lr rule: per 512 images), SGD-Nesterov for a ResNet (per 1024).
+    Returns the optimizer, its peak lr and its final lr."""
+    fused = {"fused": True} if cuda else {}
+    groups = [g for m in modules for g in param_groups(m, cfg.wd_vit if arch.startswith("vit") else cfg.wd_cnn)]
+    if arch.startswith("vit"):
+        peak = cfg.lr_vit * global_batch / 512
+        return torch.optim.AdamW(groups, lr=peak, **fused), peak, cfg.min_lr_vit
+    peak = cfg.lr_cnn * global_batch / 1024
+    return torch.optim.SGD(groups, lr=peak, momentum=0.9, nesterov=True, **fused), peak, 0.0
+
+
+def lr_at(step, total, warmup, peak, final):
+    """Linear warm-up over `warmup` steps, then cosine from peak to final: a pure function of the step."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def amp_context(device, amp_dtype):
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+
+def train_step(model, criterion, images, targets, pair_weight, amp_dtype, scaler, loss_scale=1.0):
+    """Forward the pair under autocast, compute the pair loss in fp32, backward once (each branch gets
+    the gradient of its own loss: teachers are detached). Returns the loss terms, detached."""
+    with amp_context(images.device, amp_dtype):
+        out = model(images)
+    total, terms = criterion(out, targets, pair_weight)
+    scaler.scale(total * loss_scale).backward()
+    return {"total": total.detach(), **{k: v.detach() for k, v in terms.items()}}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, amp_dtype, world, expected):
+    """Top-1/top-5 (%) of the ViT, the CNN, the pair head and the ensemble (mean of the two branches'
+    probabilities), each val image counted once over all ranks; the count is checked."""
+    was_training, names = model.training, ("vit", "cnn", "pair", "ens")
+    model.eval()
+    hits = torch.zeros(len(names), 2, device=device, dtype=torch.float64)  # (model, top-1 / top-5)
+    count = torch.zeros((), device=device, dtype=torch.float64)
+    for images, targets, _ in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with amp_context(device, amp_dtype):
+            out = model(images)
+        out["ens"] = (out["vit"].float().softmax(-1) + out["cnn"].float().softmax(-1)) / 2
+        for i, name in enumerate(names):
+            top = out[name].float().topk(min(5, out[name].shape[1]), dim=1).indices == targets[:, None]
+            hits[i, 0] += top[:, 0].sum()
+            hits[i, 1] += top.any(dim=1).sum()
+        count += len(targets)
+    count, hits = all_sum(count, world), all_sum(hits, world)
+    model.train(was_training)
+    if int(count.item()) != expected:
+        raise RuntimeError(f"evaluated {int(count.item())} val images, expected {expected}")
+    result = {"val_images": int(count.item())}
+    for i, name in enumerate(names):
+        result[f"val_{name}_top1"], result[f"val_{name}_top5"] = (100 * hits[i] / count).tolist()
+    return result
+
+
+def save_atomic(obj, path):
+    """Writes to a temp file, fsyncs, then renames: a crash at any moment leaves the old file whole."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(world):
+    """Every rank's CPU (and CUDA) RNG state, gathered: drop-path masks differ per rank."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if world == 1:
+        return [state]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, state)
+    return gathered
+
+
+def load_branch_weights(model, state_dict):
+    """Loads a timm/DeiT, torchvision or vpl checkpoint into a branch; a head of another class count is
+    dropped (fine-tuning starts it afresh) and a ViT's position grid is resized."""
+    for key in ("model", "state_dict"):  # DeiT and some trainers nest the weights
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    if "conv_proj.weight" in state_dict:
+        state_dict = vit_from_torchvision(state_dict)
+    own = model.state_dict()
+    heads = [k for k in state_dict if k.split(".")[0] in ("head", "fc") and k in own and state_dict[k].shape != own[k].shape]
+    state_dict = {k: v for k, v in state_dict.items() if k not in heads}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if unexpected or set(missing) - set(heads):
+        raise UserError(f"checkpoint does not fit the branch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def load_initial_weights(cfg, pair):
+    if cfg.init == "torchvision":
+        import torchvision
+        try:
+            weights = {"vit": torchvision.models.vit_b_16(weights="IMAGENET1K_V1").state_dict(),
+                       "cnn": torchvision.models.resnet50(weights="IMAGENET1K_V2").state_dict()}
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--init torchvision: cannot download the weights ({e})") from None
+        load_branch_weights(pair.vit, weights["vit"])
+        load_branch_weights(pair.cnn, weights["cnn"])
+    for path, branch in ((cfg.init_vit, pair.vit), (cfg.init_cnn, pair.cnn)):
+        if path:
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: no such checkpoint")
+            load_branch_weights(branch, torch.load(path, map_location="cpu", weights_only=True))
+
+
+def text_chart(history, stages, epochs, height=10):
+    """A text chart of both branches' val top-1 per epoch ('v' ViT, 'c' CNN, '*' both), stage
+    boundaries marked with '|'."""
+    if not history:
+        return ""
+    lo = min(min(h["val_vit_top1"], h["val_cnn_top1"]) for h in history)
+    hi = max(max(h["val_vit_top1"], h["val_cnn_top1"]) for h in history)
+    span = max(hi - lo, 1e-9)
+    row = lambda acc: round((acc - lo) / span * (height - 1))  # noqa: E731
+    bounds = {round(s * epochs) for s in parse_stages(stages)} - {0, epochs}
+    lines = []
+    for r in range(height - 1, -1, -1):
+        cells = []
+        for e, h in enumerate(history):
+            cells.append("|" if e in bounds else "")
+            v, c = row(h["val_vit_top1"]) == r, row(h["val_cnn_top1"]) == r
+            cells.append("*" if v and c else "v" if v else "c" if c else " ")
+        lines.append(f"{lo + span * r / (height - 1):6.1f} " + "".join(cells))
+    return "\n".join(lines + ["       " + "".join(("|" if e in bounds else "") + str(e % 10) for e in range(len(history))),
+                              "       epoch (last digit); v ViT, c CNN, * both; | stage boundary"])
+
+
+def fmt_time(seconds):
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def choose_precision(cfg, device, log):
+    """(amp dtype or None, whether to compile), with safe fallbacks for what the device cannot do."""
+    cuda = device.type == "cuda"
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else "off")
+    if amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        log("vpl: warning: this GPU has no bf16; using --amp fp16 with a GradScaler")
+        amp = "fp16"
+    compile_ = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
+    if compile_ and not torch._dynamo.is_dynamo_supported():
+        log("vpl: warning: torch.compile is not supported on this Python/platform; running eager")
+        compile_ = False
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp], compile_
+
+
+# ------------------------------------------------------------------------------------------ bench
+def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
+    """Training-step throughput (img/s, median and spread of 5 repeats) of each branch alone, of the
+    pair step, and of torchvision's models for the ImageNet preset; compile time reported apart."""
+    import torchvision
+    cuda, B = device.type == "cuda", cfg.batch_size
+    images = torch.randn(B, 3, cfg.img_size, cfg.img_size, device=device)
+    targets = torch.randint(num_classes, (B,), device=device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def measure(name, model, arch, pair=False):
+        model = model.to(device).train()
+        optimizer = build_optimizer(arch, [model], cfg, B, cuda)[0]
+        step_model = torch.compile(model) if compile_ else model
+        criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
+
+        def step():
+            if pair:
+                train_step(step_model, criterion, images, targets, 0.5, amp_dtype, scaler)
+            else:
+                with amp_context(device, amp_dtype):
+                    loss = F.cross_entropy(step_model(images).float(), targets)
+                scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        first = time.perf_counter() - t0
+        for _ in range(2):
+            step()
+        rates = []
+        for _ in range(5):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(3):
+                step()
+            sync()
+            rates.append(3 * B / (time.perf_counter() - t0))
+        median = statistics.median(rates)
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            model(images[:1])
+        flops = 3 * counter.get_total_flops()  # forward + backward ~ 3x forward, per image
+        line = (f"{name:>16}: {median:8.1f} img/s (spread {min(rates):.1f}-{max(rates):.1f}), first step "
+                f"{first:.2f} s{' incl. compile' if compile_ else ''}, {flops / 1e9:.2f} GFLOP/img")
+        if cuda:
+            peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+            name_gpu = torch.cuda.get_device_name()
+            tflops = next((v for k, v in peak.items() if k in name_gpu), None)
+            line += f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            line += f", MFU {100 * median * flops / tflops:.1f}%" if tflops else ""
+        log(line)
+        return median
+
+    log(f"bench: {device}, torch {torch.__version__}, batch {B}, {cfg.img_size} px, amp {amp_dtype}, compile {compile_}")
+    vit = measure("ViT", build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path), cfg.vit)
+    cnn = measure("CNN", build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path).to(memory_format=torch.channels_last), cfg.cnn)
+    torch.manual_seed(cfg.seed)
+    pair = PairModel(build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path),
+                     build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path), num_classes)
+    pair_rate = measure("pair", pair, cfg.vit, pair=True)
+    log(f"pair overhead vs ViT + CNN alone: {100 * ((1 / pair_rate) / (1 / vit + 1 / cnn) - 1):+.1f}%")
+    if cfg.vit == "vit_b_16" and cfg.cnn == "resnet50":
+        tv_vit = measure("torchvision ViT", torchvision.models.vit_b_16(num_classes=num_classes), "vit")
+        tv_cnn = measure("torchvision CNN", torchvision.models.resnet50(num_classes=num_classes).to(memory_format=torch.channels_last), "resnet")
+        log(f"time ratio ours / torchvision: ViT {tv_vit / vit:.3f}, ResNet {tv_cnn / cnn:.3f}")
+    if train_loader is not None:
+        it, t0, seen = iter(train_loader), time.perf_counter(), 0
+        for _ in range(min(20, len(train_loader))):
+            seen += len(next(it)[0])
+        log(f"input pipeline: {seen / (time.perf_counter() - t0):.1f} img/s with {cfg.workers} workers")
+
+
+# ------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    try:
+        run(parse_config(argv))
+    except UserError as e:
+        print(f"vpl: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(cfg):
+    # STAGE 1: processes, device, precision --------------------------------------------------------
+    rank, world, device = setup_distributed(cfg.device)
+    cuda, main_rank = device.type == "cuda", rank == 0
+    log = print if main_rank else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed + rank)  # drop-path masks differ per rank; weights are broadcast by DDP
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    amp_dtype, compile_ = choose_precision(cfg, device, log)
+    ckpt_path = os.path.join(cfg.out, "last.pt")
+    resume = cfg.resume or cfg.eval_only or (cfg.auto_resume and os.path.exists(ckpt_path))
+    if resume and not os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path}: no checkpoint to resume from (drop --resume to start afresh)")
+    if not resume and not cfg.bench and os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+
+    if cfg.bench and cfg.data in DATASETS:  # synthetic batches: no data set to build
+        return bench(cfg, device, amp_dtype, compile_, None, 1000 if cfg.preset == "imagenet" else 10, log)
+
+    # STAGE 2: data ----------------------------------------------------------------------------------
+    train_set, val_set, num_classes = build_datasets(cfg)
+    train_loader, val_loader = build_loaders(cfg, train_set, val_set, rank, world, cuda)
+    global_batch = cfg.batch_size * world * cfg.accum_steps
+    steps_per_epoch = len(train_loader) // cfg.accum_steps
+    if steps_per_epoch < 1:
+        raise UserError(f"the train split ({len(train_set)} images) is smaller than one global batch ({global_batch})")
+    if cfg.bench:
+        return bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+    mix = build_mix(cfg, num_classes)
+
+    # STAGE 3: the pair, its loss and two optimizers --------------------------------------------------
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    pair = PairModel(build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path),
+                     build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path), num_classes)
+    torch.manual_seed(cfg.seed + rank)
+    load_initial_weights(cfg, pair)
+    if cfg.sync_bn and cuda and world > 1:
+        pair.cnn = nn.SyncBatchNorm.convert_sync_batchnorm(pair.cnn)
+    pair.to(device)
+    pair.cnn.to(memory_format=torch.channels_last)
+    criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
+    opt_vit, peak_vit, final_vit = build_optimizer(cfg.vit, [pair.vit, pair.pair_head], cfg, global_batch, cuda)
+    opt_cnn, peak_cnn, final_cnn = build_optimizer(cfg.cnn, [pair.cnn], cfg, global_batch, cuda)
+    optimizers = {"vit": (opt_vit, peak_vit, final_vit, [*pair.vit.parameters(), *pair.pair_head.parameters()]),
+                  "cnn": (opt_cnn, peak_cnn, final_cnn, list(pair.cnn.parameters()))}
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one for both
+    ema = None
+    if cfg.ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            pair, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    step_model = torch.compile(pair) if compile_ else pair  # compile the plain module, then wrap in DDP
+    model = DDP(step_model, device_ids=[device.index] if cuda else None) if world > 1 else step_model
+
+    # STAGE 4: resume ----------------------------------------------------------------------------------
+    start_epoch, step, best, skip_steps, history = 0, 0, {"vit": -1.0, "cnn": -1.0}, 0, []
+    if resume:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        for key in ("vit", "cnn", "img_size"):
+            if ckpt["config"][key] != getattr(cfg, key):
+                raise UserError(f"{ckpt_path} was made with --{key.replace('_', '-')} {ckpt['config'][key]}, not {getattr(cfg, key)}")
+        if ckpt["num_classes"] != num_classes:
+            raise UserError(f"{ckpt_path} has {ckpt['num_classes']} classes; --data has {num_classes}")
+        pair.load_state_dict(ckpt["model"])
+        opt_vit.load_state_dict(ckpt["opt_vit"])
+        opt_cnn.load_state_dict(ckpt["opt_cnn"])
+        scaler.load_state_dict(ckpt["scaler"])
+        if ema is not None and "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
+        start_epoch, step, best, skip_steps = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["step_in_epoch"]
+        if len(ckpt["rng"]) == world:
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if cuda and "cuda" in ckpt["rng"][rank]:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        log_path = os.path.join(cfg.out, "log.jsonl")
+        if main_rank and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
+            with open(log_path) as f:
+                history = [h for h in map(json.loads, f) if h["epoch"] < start_epoch]
+            with open(log_path, "w") as f:
+                f.writelines(json.dumps(h) + "\n" for h in history)
+        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+    if cfg.eval_only:
+        sync_buffers(pair, world)
+        result = evaluate(step_model, val_loader, device, amp_dtype, world, len(val_set))
+        log(json.dumps(result))
+        return result
+
+    s1, s2 = parse_stages(cfg.stages)
+    log(json.dumps(asdict(cfg)))
+    log(f"processes {world}, batch {cfg.batch_size} per process x {cfg.accum_steps} accumulation = global batch "
+        f"{global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps")
+    log(f"lr rule: ViT-type {cfg.lr_vit} x {global_batch}/512 (AdamW), ResNet-type {cfg.lr_cnn} x {global_batch}/1024 "
+        f"(SGD) -> {cfg.vit} {peak_vit:.3g}, {cfg.cnn} {peak_cnn:.3g}; warm-up {warmup_steps} steps, then cosine")
+    log(f"stages: 1 warm-up epochs [0, {s1 * cfg.epochs:g}), 2 pair [{s1 * cfg.epochs:g}, {s2 * cfg.epochs:g}) "
+        f"with a -> {cfg.pair_weight} over {cfg.ramp * cfg.epochs:g} epochs, 3 solo [{s2 * cfg.epochs:g}, {cfg.epochs}]")
+    log(f"amp {amp_dtype}, compile {compile_}, device {device}")
+
+    # STAGE 5: train, evaluate, save, every epoch ---------------------------------------------------------
+    stop_signal = threading.Event()  # SIGTERM/SIGINT: finish the step, save, exit
+    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    os.makedirs(cfg.out, exist_ok=True)
+
+    def checkpoint(epoch, step_in_epoch):
+        state = {"model": pair.state_dict(), "opt_vit": opt_vit.state_dict(), "opt_cnn": opt_cnn.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
+                 "best": best, "config": asdict(cfg), "num_classes": num_classes, "rng": rng_state(world)}
+        if ema is not None:
+            state["ema"] = ema.state_dict()
+        if main_rank:
+            save_atomic(state, ckpt_path)
+        if world > 1:
+            dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
+
+    bad_steps, stopped = 0, None
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
+        train_loader.sampler.start = skip_steps * cfg.accum_steps * cfg.batch_size
+        sums, bad_images, bad_since_step, n_steps = None, 0, 0, 0
+        t_epoch = t_log = time.perf_counter()
+        data_time, images_seen = 0.0, 0
+        stage, a = stage_at(step / total_steps, (s1, s2)), pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
+        t_data = time.perf_counter()
+        for micro, (images, targets, bad) in enumerate(train_loader):
+            data_time += time.perf_counter() - t_data
+            bad_since_step += int(bad.sum())
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if mix is not None:
+                with torch.random.fork_rng(devices=[]):  # MixUp/CutMix drawn from (seed, step, micro-step)
+                    torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + micro % cfg.accum_steps + 7)
+                    images, targets = mix(images, targets)
+            last_micro = (micro + 1) % cfg.accum_steps == 0
+            stage = stage_at(step / total_steps, (s1, s2))
+            a = pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
+            with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
+                terms = train_step(model, criterion, images, targets, a, amp_dtype, scaler, 1 / cfg.accum_steps)
+            acc = torch.stack(list(terms.values())) / cfg.accum_steps
+            micro_sum = acc if micro % cfg.accum_steps == 0 else micro_sum + acc
+            images_seen += len(images)
+            if not last_micro:
+                t_data = time.perf_counter()
+                continue
+            # one sync per step: every rank learns whether any loss is non-finite and whether to stop
+            flags = torch.cat([micro_sum, (~torch.isfinite(micro_sum)).float(),
+                               torch.tensor([float(bad_since_step), float(stop_signal.is_set())], device=device)])
+            flags = all_sum(flags, world).tolist()
+            n_terms, bad_since_step = len(terms), 0
+            values, nonfinite = [v / world for v in flags[:n_terms]], flags[n_terms:2 * n_terms]
+            bad_images += int(flags[-2])  # summed over ranks, so that all ranks take the same decision
+            if any(nonfinite):
+                names = [k for k, bad_term in zip(terms, nonfinite) if bad_term]
+                bad_steps += 1
+                log(f"vpl: warning: non-finite loss at step {step} in {', '.join(names)}: step skipped "
+                    f"({bad_steps}/{cfg.max_bad_steps} in a row)")
+                for optimizer, *_ in optimizers.values():
+                    optimizer.zero_grad(set_to_none=True)
+                if bad_steps >= cfg.max_bad_steps:
+                    log(f"vpl: error: {bad_steps} non-finite steps in a row (last in {', '.join(names)}); "
+                        f"stopping. {ckpt_path} holds the last good state: lower the lr or try --amp bf16.")
+                    stopped = "nonfinite"
+                    break
+            else:
+                bad_steps = 0
+                scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+                for name, (optimizer, peak, final, params) in optimizers.items():
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(step, total_steps, warmup_steps, peak, final)
+                    if cfg.clip_grad:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+                for optimizer, *_ in optimizers.values():
+                    scaler.step(optimizer)  # skipped by the scaler itself if fp16 gradients overflowed
+                    optimizer.zero_grad(set_to_none=True)
+                scaler.update()
+                if scaler.is_enabled() and scaler.get_scale() < scale_before:
+                    log(f"fp16: gradient overflow at step {step}, step skipped, loss scale now {scaler.get_scale():g}")
+                if ema is not None:
+                    ema.update_parameters(pair)
+                sums = [s + v for s, v in zip(sums, values)] if sums else values
+                n_steps += 1
+            step += 1
+            skip_steps += 1
+            if main_rank and (step % cfg.log_every == 0 or skip_steps == steps_per_epoch) and sums:
+                now = time.perf_counter()
+                rate = images_seen * world / (now - t_log)
+                eta = (total_steps - step) * global_batch / max(rate, 1e-9)
+                loss_text = " ".join(f"{k} {v:.3f}" for k, v in zip(terms, values))
+                mem = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if cuda else ""
+                print(f"stage {stage} | epoch {epoch + 1}/{cfg.epochs} | step {step}/{total_steps} | {loss_text} | "
+                      f"a {a:.2f} | lr {opt_vit.param_groups[0]['lr']:.2e}/{opt_cnn.param_groups[0]['lr']:.2e} | "
+                      f"{rate:.0f} img/s | data {100 * data_time / (now - t_log):.0f}% | eta {fmt_time(eta)}{mem}"
+                      + (f" | bad images {bad_images}" if bad_images else ""), flush=True)
+                t_log, data_time, images_seen = now, 0.0, 0
+            if bad_images > 0.01 * len(train_set):
+                log(f"vpl: error: {bad_images} unreadable images this epoch (> 1%): check --data; "
+                    f"{ckpt_path} is left as it was")
+                stopped = "bad_images"
+                break
+            if values and flags[-1] or (cfg.max_steps and step >= cfg.max_steps):
+                stopped = "signal" if flags[-1] else "max_steps"
+                checkpoint(epoch, skip_steps)
+                log(f"stopped at step {step} ({stopped}); saved {ckpt_path}; continue with --resume")
+                break
+            if skip_steps == steps_per_epoch:
+                break  # with accumulation the loader may hold a partial optimizer step: leave it
+            t_data = time.perf_counter()
+        if stopped:
+            break
+        skip_steps = 0
+        train_time = time.perf_counter() - t_epoch
+
+        # evaluate, log, save ------------------------------------------------------------------------------
+        sync_buffers(pair, world)
+        result = evaluate(step_model, val_loader, device, amp_dtype, world, len(val_set))
+        if ema is not None:
+            sync_buffers(ema, world)
+            result.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp_dtype, world, len(val_set)).items()})
+        record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result,
+                  **{f"train_{k}": v / max(1, n_steps) for k, v in zip(terms, sums or [])},
+                  "bad_images": bad_images, "img_per_s": n_steps * global_batch / train_time,
+                  "time_s": time.perf_counter() - t_epoch}
+        history.append(record)
+        log(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                       if k.startswith(("epoch", "val_", "ema_val", "img")) and not k.endswith("top5")))
+        for branch in ("vit", "cnn"):
+            if result[f"val_{branch}_top1"] > best[branch]:
+                best[branch] = result[f"val_{branch}_top1"]
+                if main_rank:
+                    save_atomic(getattr(pair, branch).state_dict(), os.path.join(cfg.out, f"{branch}.pt"))
+        if main_rank:
+            with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+        checkpoint(epoch + 1, 0)
+
+    # STAGE 6: report and export -----------------------------------------------------------------------
+    if stopped in ("nonfinite", "bad_images"):
+        sys.exit(3)
+    if stopped is None:
+        if ema is not None and main_rank:
+            for branch in ("vit", "cnn"):
+                save_atomic(getattr(ema.module, branch).state_dict(), os.path.join(cfg.out, f"{branch}_ema.pt"))
+        log(text_chart(history, cfg.stages, cfg.epochs))
+        log(f"best val top-1: ViT {best['vit']:.2f}, CNN {best['cnn']:.2f}; weights in {cfg.out}/vit.pt, cnn.pt")
+    for sig, handler in old_handlers.items():
+        signal.signal(sig, handler)
+    if world > 1:
+        dist.destroy_process_group()
+    return history
+
+
+if __name__ == "__main__":
+    main()
