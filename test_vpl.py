@@ -85,9 +85,10 @@ def test_resnet50_matches_torchvision():
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert (ours.eval()(x) - reference(x)).abs().max() < 1e-4
-        # channels_last input gives the same logits
+        # channels_last gives the same logits up to float rounding (other kernels, other summation order)
+        expected = reference(x)
         cl = ours.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
-        assert (cl - reference(x)).abs().max() < 1e-4
+        assert (cl - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
 def test_vit_b_16_matches_torchvision():
@@ -417,8 +418,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    procs = {name: subprocess.Popen([sys.executable, VPL, *args, "--out", args[args.index("--out") + 1]
-                                     if "--out" in args else str(d / "out")],
+    procs = {name: subprocess.Popen([sys.executable, VPL, *args, *([] if "--out" in args else ["--out", str(d / "out")])],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
              for name, args in cases.items()}
     for name, proc in procs.items():

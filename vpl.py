@@ -44,8 +44,8 @@ class Config:
     # data
     data: str = opt("demo", "'demo' (built in), 'cifar10', 'cifar100', or an ImageFolder root with train/ and val/")
     data_root: str = opt("./data", "where CIFAR is downloaded to")
-    demo_train: int = opt(8000, "images in the demo's train split")
-    demo_val: int = opt(2000, "images in the demo's val split")
+    demo_train: int = opt(5000, "images in the demo's train split")
+    demo_val: int = opt(1000, "images in the demo's val split")
     img_size: int = opt(32, "image side, pixels")
     workers: int = opt(2, "data loading processes per GPU")
     # models
@@ -117,7 +117,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_config(argv=None):
     """Flags from Config's fields; the preset fills what the command line leaves out."""
-    parser = OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    parser = OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for f in fields(Config):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if isinstance(f.default, bool):
@@ -496,8 +496,8 @@ def make_demo(n, seed, img_size=32, classes=10):
     labels = torch.randint(classes, (n,), generator=g)
 
     def draw(glyph_ids, zoom):  # affine-warp each glyph into an image-sized mask: (n, 1, H, W)
-        angle, scale = (rand(n) - 0.5) * math.radians(50), zoom * (0.8 + 0.4 * rand(n))
-        cos, sin, shift = torch.cos(angle) * scale, torch.sin(angle) * scale, (rand(n, 2) - 0.5) * 0.8
+        angle, scale = (rand(n) - 0.5) * math.radians(30), zoom * (0.9 + 0.2 * rand(n))
+        cos, sin, shift = torch.cos(angle) * scale, torch.sin(angle) * scale, (rand(n, 2) - 0.5) * 0.6
         theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
         grid = F.affine_grid(theta, [n, 1, img_size, img_size], align_corners=False)
         return F.grid_sample(glyphs[glyph_ids], grid, align_corners=False)
@@ -506,7 +506,7 @@ def make_demo(n, seed, img_size=32, classes=10):
     texture = F.interpolate(rand(n, 3, 4, 4), size=img_size, mode="bilinear", align_corners=False)
     image = background + 0.2 * texture
     distractor = draw(torch.randint(classes, (n,), generator=g), 3.0)  # a smaller, fainter other glyph
-    image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * distractor * 0.5
+    image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * distractor * 0.3
     mask = draw(labels, 1.8)
     image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * mask
     image = image + 0.05 * torch.randn(image.shape, generator=g)
@@ -567,7 +567,9 @@ def build_transforms(cfg, from_files):
         train = [v2.RandomResizedCrop(size, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip()]
         val = [v2.Resize(int(size / 0.875), interpolation=bicubic, antialias=True), v2.CenterCrop(size)]
     else:
-        train, val = [v2.RandomCrop(size, padding=size // 8), v2.RandomHorizontalFlip()], []
+        train, val = [v2.RandomCrop(size, padding=size // 8)], []
+        if cfg.data != "demo":  # the demo's glyphs are chiral: a mirrored glyph is another shape
+            train.append(v2.RandomHorizontalFlip())
     train += [v2.RandAugment(magnitude=cfg.randaug)] if cfg.randaug else []
     tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
     erase = [v2.RandomErasing(cfg.reprob)] if cfg.reprob else []
@@ -846,6 +848,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
     """Training-step throughput (img/s, median and spread of 5 repeats) of each branch alone, of the
     pair step, and of torchvision's models for the ImageNet preset; compile time reported apart."""
     import torchvision
+    from torch.utils.flop_counter import FlopCounterMode
     cuda, B = device.type == "cuda", cfg.batch_size
     images = torch.randn(B, 3, cfg.img_size, cfg.img_size, device=device)
     targets = torch.randint(num_classes, (B,), device=device)
@@ -885,7 +888,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
             sync()
             rates.append(3 * B / (time.perf_counter() - t0))
         median = statistics.median(rates)
-        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter:
             model(images[:1])
         flops = 3 * counter.get_total_flops()  # forward + backward ~ 3x forward, per image
         line = (f"{name:>16}: {median:8.1f} img/s (spread {min(rates):.1f}-{max(rates):.1f}), first step "
@@ -1040,7 +1043,7 @@ def run(cfg):
         if world > 1:
             dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
 
-    bad_steps, stopped = 0, None
+    bad_steps, stopped, terms = 0, None, {}
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
         train_loader.sampler.start = skip_steps * cfg.accum_steps * cfg.batch_size
@@ -1124,7 +1127,7 @@ def run(cfg):
                     f"{ckpt_path} is left as it was")
                 stopped = "bad_images"
                 break
-            if values and flags[-1] or (cfg.max_steps and step >= cfg.max_steps):
+            if flags[-1] or (cfg.max_steps and step >= cfg.max_steps):
                 stopped = "signal" if flags[-1] else "max_steps"
                 checkpoint(epoch, skip_steps)
                 log(f"stopped at step {step} ({stopped}); saved {ckpt_path}; continue with --resume")
