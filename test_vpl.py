@@ -36,10 +36,24 @@ def model_state(out):
     return torch.load(os.path.join(out, "last.pt"), map_location="cpu", weights_only=True)["model"]
 
 
+def assert_same(a, b, where="state"):
+    """Exact equality of nested checkpoint contents: every tensor bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def assert_same_weights(a, b):
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert_same(a, b, "model")
 
 
 def read_log(out):
@@ -113,6 +127,21 @@ def test_position_embedding_resize_keeps_cls_and_runs():
     # a smooth grid stays smooth: the resized corner patch equals the original corner patch closely
     with torch.no_grad():
         assert big.eval()(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
+
+
+def test_fine_tuning_loads_torchvision_and_deit_checkpoints_with_a_new_head_at_another_size():
+    torch.manual_seed(0)
+    source = torchvision.models.vit_b_16()
+    target = vpl.vit_b_16(num_classes=5, img_size=256)
+    head_before = target.head.weight.clone()
+    vpl.load_branch_weights(target, {"model": source.state_dict()})  # DeiT nests weights under "model"
+    assert torch.equal(target.blocks[3].attn.qkv.weight, source.encoder.layers[3].self_attention.in_proj_weight)
+    assert torch.equal(target.head.weight, head_before)  # 1000 -> 5 classes: the head starts afresh
+    assert target.pos_embed.shape == (1, 1 + 16 * 16, 768)
+    cnn = vpl.resnet50(num_classes=5)
+    vpl.load_branch_weights(cnn, torchvision.models.resnet50().state_dict())
+    with pytest.raises(vpl.UserError):
+        vpl.load_branch_weights(cnn, vpl.resnet_tiny().state_dict())
 
 
 @pytest.mark.parametrize("name", ["vit_tiny", "resnet_tiny"])
@@ -266,6 +295,20 @@ def test_resume_after_a_stop_is_bit_identical(reference_run, tmp_path):
     run_vpl(*TINY, "--out", out, "--resume")
     assert_same_weights(model_state(out), model_state(reference_run[0]))
     assert [h["epoch"] for h in read_log(out)] == [0, 1]
+
+
+def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_path):
+    options = [*TINY, "--batch-size", "16", "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.8", "--cutmix", "1.0",
+               "--clip-grad", "1.0", "--amp", "fp16", "--randaug", "9", "--reprob", "0.25"]
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    run_vpl(*options, "--out", whole)
+    run_vpl(*options, "--out", parts, "--max-steps", "5")
+    run_vpl(*options, "--out", parts, "--resume")
+    a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (whole, parts))
+    for key in ("model", "ema", "scaler", "opt_vit", "opt_cnn", "step", "best"):
+        assert_same(a[key], b[key], key)
+    log = read_log(whole)
+    assert "ema_val_vit_top1" in log[-1] and os.path.exists(os.path.join(whole, "vit_ema.pt"))
 
 
 def test_eval_only_reproduces_the_logged_accuracies(reference_run):
