@@ -781,7 +781,10 @@ def load_branch_weights(model, state_dict):
     own = model.state_dict()
     heads = [k for k in state_dict if k.split(".")[0] in ("head", "fc") and k in own and state_dict[k].shape != own[k].shape]
     state_dict = {k: v for k, v in state_dict.items() if k not in heads}
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shapes differ: another architecture
+        raise UserError(f"checkpoint does not fit the branch: {str(e).splitlines()[1].strip()}") from None
     if unexpected or set(missing) - set(heads):
         raise UserError(f"checkpoint does not fit the branch: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
