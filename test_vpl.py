@@ -458,6 +458,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "resume without checkpoint": ["--resume", "--out", str(d / "empty")],
         "resume other models": [*TINY, "--resume", "--out", str(other), "--cnn", "vit_tiny"],
         "fresh run over a checkpoint": [*TINY, "--out", str(other)],
+        "init from a file that is no checkpoint": ["--init-vit", VPL],
         "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

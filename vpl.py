@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import signal
 import statistics
 import sys
@@ -770,6 +771,16 @@ def rng_state(world):
     return gathered
 
 
+def load_checkpoint(path):
+    """torch.load with weights_only=True; an unreadable file is a one-line error."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+
+
 def load_branch_weights(model, state_dict):
     """Loads a timm/DeiT, torchvision or vpl checkpoint into a branch; a head of another class count is
     dropped (fine-tuning starts it afresh) and a ViT's position grid is resized."""
@@ -801,9 +812,7 @@ def load_initial_weights(cfg, pair):
         load_branch_weights(pair.cnn, weights["cnn"])
     for path, branch in ((cfg.init_vit, pair.vit), (cfg.init_cnn, pair.cnn)):
         if path:
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: no such checkpoint")
-            load_branch_weights(branch, torch.load(path, map_location="cpu", weights_only=True))
+            load_branch_weights(branch, load_checkpoint(path))
 
 
 def text_chart(history, stages, epochs, height=10):
@@ -991,7 +1000,7 @@ def run(cfg):
     # STAGE 4: resume ----------------------------------------------------------------------------------
     start_epoch, step, best, skip_steps, history = 0, 0, {"vit": -1.0, "cnn": -1.0}, 0, []
     if resume:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint(ckpt_path)
         for key in ("vit", "cnn", "img_size"):
             if ckpt["config"][key] != getattr(cfg, key):
                 raise UserError(f"{ckpt_path} was made with --{key.replace('_', '-')} {ckpt['config'][key]}, not {getattr(cfg, key)}")
