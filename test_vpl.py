@@ -298,17 +298,30 @@ def test_resume_after_a_stop_is_bit_identical(reference_run, tmp_path):
 
 
 def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_path):
-    options = [*TINY, "--batch-size", "16", "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.8", "--cutmix", "1.0",
+    # 384 images in micro-batches of 20: 19 per epoch, 9 optimizer steps and one leftover micro-batch;
+    # the stop falls exactly on the end of the first epoch
+    options = [*TINY, "--batch-size", "20", "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.8", "--cutmix", "1.0",
                "--clip-grad", "1.0", "--amp", "fp16", "--randaug", "9", "--reprob", "0.25"]
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     run_vpl(*options, "--out", whole)
-    run_vpl(*options, "--out", parts, "--max-steps", "5")
+    run_vpl(*options, "--out", parts, "--max-steps", "9")
     run_vpl(*options, "--out", parts, "--resume")
     a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (whole, parts))
     for key in ("model", "ema", "scaler", "opt_vit", "opt_cnn", "step", "best"):
         assert_same(a[key], b[key], key)
     log = read_log(whole)
     assert "ema_val_vit_top1" in log[-1] and os.path.exists(os.path.join(whole, "vit_ema.pt"))
+
+
+def test_data_loaders_leave_the_global_rng_alone():
+    cfg = vpl.Config(demo_train=64, demo_val=20, batch_size=8, workers=0)
+    train_set, val_set, _ = vpl.build_datasets(cfg)
+    for workers in (0, 1):
+        cfg.workers = workers
+        train, val = vpl.build_loaders(cfg, train_set, val_set, 0, 1, False)
+        state = torch.get_rng_state()
+        next(iter(train)), list(val)
+        assert torch.equal(state, torch.get_rng_state())  # so drop-path masks do not depend on them
 
 
 def test_eval_only_reproduces_the_logged_accuracies(reference_run):
@@ -457,6 +470,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "unknown flag": ["--epoch", "3"],
         "resume without checkpoint": ["--resume", "--out", str(d / "empty")],
         "resume other models": [*TINY, "--resume", "--out", str(other), "--cnn", "vit_tiny"],
+        "resume another global batch": [*TINY, "--resume", "--out", str(other), "--batch-size", "16"],
+        "drop-path of 1": ["--drop-path", "1"],
         "fresh run over a checkpoint": [*TINY, "--out", str(other)],
         "init from a file that is no checkpoint": ["--init-vit", VPL],
         "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],
@@ -496,10 +511,10 @@ def wait_for(predicate, timeout=120):
 def test_sigterm_saves_and_resume_is_bit_identical(reference_run, tmp_path):
     out = str(tmp_path)
     proc = subprocess.Popen([sys.executable, VPL, *TINY, "--out", out, "--workers", "2"],
-                            stdout=subprocess.PIPE, text=True, cwd=HERE)
-    for line in proc.stdout:  # stop in the middle of the first epoch
-        if "| step 5/" in line:
-            proc.send_signal(signal.SIGTERM)
+                            stdout=subprocess.PIPE, text=True, cwd=HERE, start_new_session=True)
+    for line in proc.stdout:  # stop in the middle of the first epoch, the way a scheduler does:
+        if "| step 5/" in line:  # SIGTERM to the whole process group, data workers included
+            os.killpg(proc.pid, signal.SIGTERM)
             break
     rest = proc.stdout.read()
     assert proc.wait(timeout=120) == 0

@@ -12,6 +12,7 @@ reconstruction (README, "The method"); every choice is a flag.
 """
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -140,8 +141,13 @@ def check_config(cfg):
     for name in ("max_steps", "workers", "warmup_epochs", "clip_grad", "mixup", "cutmix", "randaug", "demo_val"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if not 0 <= cfg.ema < 1 or not 0 <= cfg.reprob <= 1 or not 0 <= cfg.label_smoothing < 1:
-        raise UserError("--ema and --label-smoothing must be in [0, 1), --reprob in [0, 1]")
+    if not 0 <= cfg.ema < 1 or not 0 <= cfg.reprob <= 1 or not 0 <= cfg.label_smoothing < 1 or not 0 <= cfg.drop_path < 1:
+        raise UserError("--ema, --label-smoothing and --drop-path must be in [0, 1), --reprob in [0, 1]")
+    patch = max(4 if "tiny" in arch else 16 for arch in (cfg.vit, cfg.cnn) if arch.startswith("vit"))
+    if cfg.img_size % patch:
+        raise UserError(f"--img-size {cfg.img_size} must be a multiple of the ViT's patch size ({patch})")
+    if cfg.data.startswith("cifar") and cfg.img_size != 32:
+        raise UserError(f"--data {cfg.data} holds 32 px images: use --img-size 32 (the demo preset)")
     try:
         check_pair_options(cfg.pair_weight, cfg.pair_temp, cfg.teacher, cfg.stages, cfg.ramp)
     except ValueError as e:
@@ -219,6 +225,8 @@ def resize_pos_embed(pos_embed, grid):
     """Bicubic resize of a (1, 1 + g*g, C) position embedding to a grid x grid one; the cls slot is kept."""
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
     old = int(math.sqrt(patches.shape[1]))
+    if old * old != patches.shape[1]:
+        raise RuntimeError(f"position embedding of {patches.shape[1]} patches is not a square grid (a distilled DeiT?)")
     patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, N, C) -> (1, C, g, g)
     patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(cls.dtype)], dim=1)
@@ -539,8 +547,8 @@ class Augmented(Dataset):
                     print(f"vpl: warning: unreadable image {path} ({type(e).__name__}); using another", file=sys.stderr)
         else:
             raise RuntimeError(f"16 unreadable images in a row from index {index}")
-        with torch.random.fork_rng(devices=[]):  # the global RNG of the caller stays untouched
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2 ** 63)
+        with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG stays untouched; GPUs are not touched
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2 ** 63)
             return self.transform(image), int(label), int(attempt > 0)
 
 
@@ -623,19 +631,21 @@ def build_datasets(cfg):
     return Augmented(train, train_tf, cfg.seed), Augmented(val, val_tf, cfg.seed), classes
 
 
-def ignore_sigint(_worker_id):
-    # Ctrl-C reaches the whole process group: the main process alone handles it and saves
+def ignore_signals(_worker_id):
+    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the main process alone handles them
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loaders(cfg, train_set, val_set, rank, world, cuda):
     sampler = EpochSampler(train_set, world, rank, cfg.seed)
     common = dict(num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0,
-                  worker_init_fn=ignore_sigint)
+                  worker_init_fn=ignore_signals)
     train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True,
                        generator=torch.Generator().manual_seed(cfg.seed + rank), **common)
     # val: a plain shard per rank, no padding, so that each image is counted exactly once
-    val = DataLoader(val_set, cfg.batch_size, sampler=[(0, i) for i in range(rank, len(val_set), world)], **common)
+    val = DataLoader(val_set, cfg.batch_size, sampler=[(0, i) for i in range(rank, len(val_set), world)],
+                     generator=torch.Generator().manual_seed(cfg.seed), **common)  # never draws from the global RNG
     return train, val
 
 
@@ -795,7 +805,7 @@ def load_branch_weights(model, state_dict):
     try:
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shapes differ: another architecture
-        raise UserError(f"checkpoint does not fit the branch: {str(e).splitlines()[1].strip()}") from None
+        raise UserError(f"checkpoint does not fit the branch: {(str(e).splitlines()[1:] or [str(e)])[0].strip()}") from None
     if unexpected or set(missing) - set(heads):
         raise UserError(f"checkpoint does not fit the branch: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
@@ -869,7 +879,9 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
 
     def measure(name, model, arch, pair=False):
         model = model.to(device).train()
-        optimizer = build_optimizer(arch, [model], cfg, B, cuda)[0]
+        optimizers = ([build_optimizer(cfg.vit, [model.vit, model.pair_head], cfg, B, cuda)[0],
+                       build_optimizer(cfg.cnn, [model.cnn], cfg, B, cuda)[0]] if pair  # as in training
+                      else [build_optimizer(arch, [model], cfg, B, cuda)[0]])
         step_model = torch.compile(model) if compile_ else model
         criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
 
@@ -880,9 +892,10 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
                 with amp_context(device, amp_dtype):
                     loss = F.cross_entropy(step_model(images).float(), targets)
                 scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
+                optimizer.zero_grad(set_to_none=True)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -920,6 +933,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
     torch.manual_seed(cfg.seed)
     pair = PairModel(build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path),
                      build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path), num_classes)
+    pair.cnn.to(memory_format=torch.channels_last)
     pair_rate = measure("pair", pair, cfg.vit, pair=True)
     log(f"pair overhead vs ViT + CNN alone: {100 * ((1 / pair_rate) / (1 / vit + 1 / cnn) - 1):+.1f}%")
     if cfg.vit == "vit_b_16" and cfg.cnn == "resnet50":
@@ -1006,6 +1020,9 @@ def run(cfg):
                 raise UserError(f"{ckpt_path} was made with --{key.replace('_', '-')} {ckpt['config'][key]}, not {getattr(cfg, key)}")
         if ckpt["num_classes"] != num_classes:
             raise UserError(f"{ckpt_path} has {ckpt['num_classes']} classes; --data has {num_classes}")
+        if (ckpt["global_batch"], ckpt["world"]) != (global_batch, world):
+            raise UserError(f"{ckpt_path} was made with global batch {ckpt['global_batch']} on {ckpt['world']} processes; "
+                            f"resume with the same (now {global_batch} on {world})")
         pair.load_state_dict(ckpt["model"])
         opt_vit.load_state_dict(ckpt["opt_vit"])
         opt_cnn.load_state_dict(ckpt["opt_cnn"])
@@ -1013,10 +1030,9 @@ def run(cfg):
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
         start_epoch, step, best, skip_steps = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["step_in_epoch"]
-        if len(ckpt["rng"]) == world:
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if cuda and "cuda" in ckpt["rng"][rank]:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if cuda and "cuda" in ckpt["rng"][rank]:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
         log_path = os.path.join(cfg.out, "log.jsonl")
         if main_rank and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
             with open(log_path) as f:
@@ -1027,7 +1043,11 @@ def run(cfg):
     if cfg.eval_only:
         sync_buffers(pair, world)
         result = evaluate(step_model, val_loader, device, amp_dtype, world, len(val_set))
+        if ema is not None and "ema" in ckpt:
+            result.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp_dtype, world, len(val_set)).items()})
         log(json.dumps(result))
+        if world > 1:
+            dist.destroy_process_group()
         return result
 
     s1, s2 = parse_stages(cfg.stages)
@@ -1048,7 +1068,8 @@ def run(cfg):
     def checkpoint(epoch, step_in_epoch):
         state = {"model": pair.state_dict(), "opt_vit": opt_vit.state_dict(), "opt_cnn": opt_cnn.state_dict(),
                  "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
-                 "best": best, "config": asdict(cfg), "num_classes": num_classes, "rng": rng_state(world)}
+                 "best": best, "config": asdict(cfg), "num_classes": num_classes, "rng": rng_state(world),
+                 "global_batch": global_batch, "world": world}
         if ema is not None:
             state["ema"] = ema.state_dict()
         if main_rank:
@@ -1061,17 +1082,19 @@ def run(cfg):
         train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
         train_loader.sampler.start = skip_steps * cfg.accum_steps * cfg.batch_size
         sums, bad_images, bad_since_step, n_steps = None, 0, 0, 0
-        t_epoch = t_log = time.perf_counter()
+        t_epoch = t_log = t_rate = time.perf_counter()
+        rate_steps = 0
         data_time, images_seen = 0.0, 0
         stage, a = stage_at(step / total_steps, (s1, s2)), pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
         t_data = time.perf_counter()
-        for micro, (images, targets, bad) in enumerate(train_loader):
+        batches = itertools.islice(train_loader, (steps_per_epoch - skip_steps) * cfg.accum_steps)
+        for micro, (images, targets, bad) in enumerate(batches):  # whole optimizer steps only
             data_time += time.perf_counter() - t_data
             bad_since_step += int(bad.sum())
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if mix is not None:
-                with torch.random.fork_rng(devices=[]):  # MixUp/CutMix drawn from (seed, step, micro-step)
-                    torch.manual_seed((cfg.seed * 1_000_003 + step) * 1009 + micro % cfg.accum_steps + 7)
+                with torch.random.fork_rng(devices=[]):  # MixUp/CutMix drawn from (seed, rank, step, micro-step)
+                    torch.default_generator.manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + micro % cfg.accum_steps) * 1031 + rank)
                     images, targets = mix(images, targets)
             last_micro = (micro + 1) % cfg.accum_steps == 0
             stage = stage_at(step / total_steps, (s1, s2))
@@ -1118,10 +1141,14 @@ def run(cfg):
                 scaler.update()
                 if scaler.is_enabled() and scaler.get_scale() < scale_before:
                     log(f"fp16: gradient overflow at step {step}, step skipped, loss scale now {scaler.get_scale():g}")
-                if ema is not None:
+                elif ema is not None:
                     ema.update_parameters(pair)
                 sums = [s + v for s, v in zip(sums, values)] if sums else values
                 n_steps += 1
+                rate_steps += 1
+                if epoch == start_epoch and n_steps == 1:  # the first step compiles: keep it out of img/s
+                    t_log = t_rate = time.perf_counter()
+                    data_time, images_seen, rate_steps = 0.0, 0, 0
             step += 1
             skip_steps += 1
             if main_rank and (step % cfg.log_every == 0 or skip_steps == steps_per_epoch) and sums:
@@ -1145,13 +1172,11 @@ def run(cfg):
                 checkpoint(epoch, skip_steps)
                 log(f"stopped at step {step} ({stopped}); saved {ckpt_path}; continue with --resume")
                 break
-            if skip_steps == steps_per_epoch:
-                break  # with accumulation the loader may hold a partial optimizer step: leave it
             t_data = time.perf_counter()
         if stopped:
             break
         skip_steps = 0
-        train_time = time.perf_counter() - t_epoch
+        img_per_s = rate_steps * global_batch / (time.perf_counter() - t_rate)
 
         # evaluate, log, save ------------------------------------------------------------------------------
         sync_buffers(pair, world)
@@ -1161,7 +1186,7 @@ def run(cfg):
             result.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp_dtype, world, len(val_set)).items()})
         record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result,
                   **{f"train_{k}": v / max(1, n_steps) for k, v in zip(terms, sums or [])},
-                  "bad_images": bad_images, "img_per_s": n_steps * global_batch / train_time,
+                  "bad_images": bad_images, "img_per_s": img_per_s,
                   "time_s": time.perf_counter() - t_epoch}
         history.append(record)
         log(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
@@ -1177,8 +1202,6 @@ def run(cfg):
         checkpoint(epoch + 1, 0)
 
     # STAGE 6: report and export -----------------------------------------------------------------------
-    if stopped in ("nonfinite", "bad_images"):
-        sys.exit(3)
     if stopped is None:
         if ema is not None and main_rank:
             for branch in ("vit", "cnn"):
@@ -1189,6 +1212,8 @@ def run(cfg):
         signal.signal(sig, handler)
     if world > 1:
         dist.destroy_process_group()
+    if stopped in ("nonfinite", "bad_images"):
+        sys.exit(3)
     return history
 
 
