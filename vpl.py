@@ -1020,7 +1020,7 @@ def run(cfg):
                 raise UserError(f"{ckpt_path} was made with --{key.replace('_', '-')} {ckpt['config'][key]}, not {getattr(cfg, key)}")
         if ckpt["num_classes"] != num_classes:
             raise UserError(f"{ckpt_path} has {ckpt['num_classes']} classes; --data has {num_classes}")
-        if (ckpt["global_batch"], ckpt["world"]) != (global_batch, world):
+        if not cfg.eval_only and (ckpt["global_batch"], ckpt["world"]) != (global_batch, world):
             raise UserError(f"{ckpt_path} was made with global batch {ckpt['global_batch']} on {ckpt['world']} processes; "
                             f"resume with the same (now {global_batch} on {world})")
         pair.load_state_dict(ckpt["model"])
@@ -1030,9 +1030,10 @@ def run(cfg):
         if ema is not None and "ema" in ckpt:
             ema.load_state_dict(ckpt["ema"])
         start_epoch, step, best, skip_steps = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["step_in_epoch"]
-        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-        if cuda and "cuda" in ckpt["rng"][rank]:
-            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+        if not cfg.eval_only:  # evaluation may run on any number of processes
+            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+            if cuda and "cuda" in ckpt["rng"][rank]:
+                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
         log_path = os.path.join(cfg.out, "log.jsonl")
         if main_rank and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
             with open(log_path) as f:
