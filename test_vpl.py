@@ -534,6 +534,29 @@ def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(r
     assert_same_weights(model_state(out), model_state(reference_run[0]))
 
 
+def test_torchrun_restarts_a_killed_worker_which_resumes_bit_identically(reference_run, tmp_path):
+    out = str(tmp_path / "elastic")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--max-restarts=1",
+                             f"--master_port={29700 + os.getpid() % 90}", VPL, *TINY, "--out", out, "--auto-resume"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    assert wait_for(lambda: os.path.exists(os.path.join(out, "last.pt")))
+
+    def workers():  # the vpl.py process torchrun started, not torchrun itself
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+            except OSError:
+                continue
+            if out in cmd and "torch.distributed.run" not in cmd:
+                yield int(pid)
+    killed = list(workers())
+    assert killed, "found no worker to kill"
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=300) == 0
+    assert_same_weights(model_state(out), model_state(reference_run[0]))
+
+
 # ------------------------------------------------------------------------------ bench and chart
 def test_bench_prints_every_figure(capsys):
     vpl.main(["--bench", "--batch-size", "4"])
