@@ -1041,11 +1041,17 @@ def run(cfg):
             with open(log_path, "w") as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-    if cfg.eval_only:
+    def evaluate_all(with_ema):
+        """The pair (and its EMA), every rank with rank 0's BatchNorm statistics."""
         sync_buffers(pair, world)
         result = evaluate(step_model, val_loader, device, amp_dtype, world, len(val_set))
-        if ema is not None and "ema" in ckpt:
+        if with_ema:
+            sync_buffers(ema, world)
             result.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp_dtype, world, len(val_set)).items()})
+        return result
+
+    if cfg.eval_only:
+        result = evaluate_all(ema is not None and "ema" in ckpt)
         log(json.dumps(result))
         if world > 1:
             dist.destroy_process_group()
@@ -1180,11 +1186,7 @@ def run(cfg):
         img_per_s = rate_steps * global_batch / (time.perf_counter() - t_rate)
 
         # evaluate, log, save ------------------------------------------------------------------------------
-        sync_buffers(pair, world)
-        result = evaluate(step_model, val_loader, device, amp_dtype, world, len(val_set))
-        if ema is not None:
-            sync_buffers(ema, world)
-            result.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp_dtype, world, len(val_set)).items()})
+        result = evaluate_all(ema is not None)
         record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result,
                   **{f"train_{k}": v / max(1, n_steps) for k, v in zip(terms, sums or [])},
                   "bad_images": bad_images, "img_per_s": img_per_s,
