@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
@@ -225,6 +226,23 @@ def test_one_backward_gives_each_branch_the_gradient_of_its_own_loss(teacher):
         params = list(getattr(pair, branch).parameters())
         for g_total, g_own in zip(grads(total, params), grads(own[branch], params)):
             assert torch.allclose(g_total, g_own, atol=1e-6)
+
+
+def test_apply_step_skips_only_the_optimizer_with_nonfinite_gradients():
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 2), nn.Linear(4, 2)
+    opt_a, opt_b = torch.optim.SGD(a.parameters(), lr=0.1), torch.optim.SGD(b.parameters(), lr=0.1)
+    scaler = vpl.make_scaler(torch.device("cpu"), None)
+    before_a, before_b = [p.detach().clone() for p in a.parameters()], [p.detach().clone() for p in b.parameters()]
+    x = torch.randn(3, 4)
+    scaler.scale((a(x) * float("nan")).sum() + b(x).sum()).backward()
+    expected_b = [p - 0.1 * p.grad for p in b.parameters()]  # plain SGD, by hand
+    vpl.apply_step([opt_a, opt_b], scaler, 1e6, fp16=False)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before_a))  # NaN gradients: not applied
+    assert all(torch.allclose(p, q) for p, q in zip(b.parameters(), expected_b))
+    assert not any(torch.equal(p, q) for p, q in zip(b.parameters(), before_b))
+    assert scaler.get_scale() == 1.0 and all(p.grad is None for p in [*a.parameters(), *b.parameters()])
+    assert vpl.to_host_async(torch.tensor([1.5, float("inf")]))() == [1.5, float("inf")]
 
 
 def test_stage_and_weight_at_exact_points():

@@ -731,6 +731,37 @@ def train_step(model, criterion, images, targets, pair_weight, amp_dtype, scaler
     return {"total": total.detach(), **{k: v.detach() for k, v in terms.items()}}
 
 
+def make_scaler(device, amp_dtype):
+    """One GradScaler for both optimizers. With fp16 it scales the loss; otherwise its scale stays 1 and it
+    only skips a step whose gradients are not finite, on the device (fused optimizers read its flag)."""
+    return torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if amp_dtype == torch.float16 else 1.0)
+
+
+def apply_step(optimizers, scaler, clip_grad, fp16):
+    """Clips each optimizer's gradient norm, steps each through the scaler and clears the gradients,
+    with no host sync on CUDA."""
+    for optimizer in optimizers:
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
+    for optimizer in optimizers:
+        scaler.step(optimizer)  # skipped, on the device, if this optimizer's gradients are not finite
+        optimizer.zero_grad(set_to_none=True)
+    scaler.update(None if fp16 else 1.0)
+
+
+def to_host_async(tensor):
+    """Starts copying a CUDA tensor to the host; returns a function that waits for the copy and gives a
+    list. Read a step late, the GPU never idles waiting for the host."""
+    if tensor.device.type != "cuda":
+        return tensor.tolist
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return lambda: (done.synchronize(), host.tolist())[1]
+
+
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype, world, expected):
     """Top-1/top-5 (%) of the ViT, the CNN, the pair head and the ensemble (mean of the two branches'
@@ -866,18 +897,49 @@ def choose_precision(cfg, device, log):
 
 
 # ------------------------------------------------------------------------------------------ bench
+# Dense peak FLOP/s by the vendors' datasheets (bf16/fp16, tf32): the denominators of MFU.
+PEAK_FLOPS = {"H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12)}
+
+
+def timed(fn, device, repeats=5, inner=3):
+    """Seconds per call of fn, `repeats` samples of `inner` calls each: CUDA events
+    on the GPU and perf_counter around synchronized calls on the CPU."""
+    samples = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(inner):
+                fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1000 / inner)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t0) / inner)
+    return samples
+
+
 def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
     """Training-step throughput (img/s, median and spread of 5 repeats) of each branch alone, of the
     pair step, and of torchvision's models for the ImageNet preset; compile time reported apart."""
+    import gc
     import torchvision
     from torch.utils.flop_counter import FlopCounterMode
     cuda, B = device.type == "cuda", cfg.batch_size
     images = torch.randn(B, 3, cfg.img_size, cfg.img_size, device=device)
     targets = torch.randint(num_classes, (B,), device=device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    scaler, fp16 = make_scaler(device, amp_dtype), amp_dtype == torch.float16
+    gpu = torch.cuda.get_device_name() if cuda else ""
+    peak = next((v[0 if amp_dtype else 1] for k, v in PEAK_FLOPS.items() if k in gpu), None)
 
     def measure(name, model, arch, pair=False):
+        gc.collect()
+        if cuda:  # peak memory of this model alone
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         model = model.to(device).train()
         optimizers = ([build_optimizer(cfg.vit, [model.vit, model.pair_head], cfg, B, cuda)[0],
                        build_optimizer(cfg.cnn, [model.cnn], cfg, B, cuda)[0]] if pair  # as in training
@@ -885,49 +947,36 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
         step_model = torch.compile(model) if compile_ else model
         criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
 
+        in_flight = []
+
         def step():
-            if pair:
-                train_step(step_model, criterion, images, targets, 0.5, amp_dtype, scaler)
+            if pair:  # as in training: the loss terms go to the host and are read a step late
+                terms = train_step(step_model, criterion, images, targets, 0.5, amp_dtype, scaler)
+                in_flight.append(to_host_async(torch.stack(list(terms.values()))))
             else:
                 with amp_context(device, amp_dtype):
                     loss = F.cross_entropy(step_model(images).float(), targets)
                 scaler.scale(loss).backward()
-            for optimizer in optimizers:
-                scaler.step(optimizer)
-                optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        step()
-        sync()
-        first = time.perf_counter() - t0
-        for _ in range(2):
-            step()
-        rates = []
-        for _ in range(5):
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(3):
-                step()
-            sync()
-            rates.append(3 * B / (time.perf_counter() - t0))
+            apply_step(optimizers, scaler, 0.0, fp16)
+            if len(in_flight) > 1:
+                in_flight.pop(0)()
+        first = timed(step, device, repeats=1, inner=1)[0]  # compiles, if compiling
+        timed(step, device, repeats=1, inner=2)  # warm-up: allocator, cuDNN algorithm choice
+        rates = [B / s for s in timed(step, device)]
         median = statistics.median(rates)
         with FlopCounterMode(display=False) as counter:
             model(images[:1])
         flops = 3 * counter.get_total_flops()  # forward + backward ~ 3x forward, per image
-        line = (f"{name:>16}: {median:8.2f} img/s, {1000 * B / median:.0f} ms/step (spread {min(rates):.2f}-{max(rates):.2f}), first step "
-                f"{first:.2f} s{' incl. compile' if compile_ else ''}, {flops / 1e9:.2f} GFLOP/img")
+        line = (f"{name:>16}: {median:8.4g} img/s, {1000 * B / median:.0f} ms/step (spread {min(rates):.4g}-{max(rates):.4g}), first step "
+                f"{first:.2f} s{' incl. compile' if compile_ else ''}, {flops / 1e9:.3g} GFLOP/img")
         if cuda:
-            peak = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-            name_gpu = torch.cuda.get_device_name()
-            tflops = next((v for k, v in peak.items() if k in name_gpu), None)
             line += f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-            line += f", MFU {100 * median * flops / tflops:.1f}%" if tflops else ""
+            line += f", MFU {100 * median * flops / peak:.1f}%" if peak else ""
         log(line)
         return median
 
-    log(f"bench: {device}, torch {torch.__version__}, batch {B}, {cfg.img_size} px, amp {amp_dtype}, compile {compile_}")
+    log(f"bench: {gpu or device}, torch {torch.__version__}, batch {B}, {cfg.img_size} px, amp {amp_dtype}, compile {compile_}"
+        + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else ""))
     vit = measure("ViT", build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path), cfg.vit)
     cnn = measure("CNN", build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path).to(memory_format=torch.channels_last), cfg.cnn)
     torch.manual_seed(cfg.seed)
@@ -941,11 +990,15 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
         tv_cnn = measure("torchvision CNN", torchvision.models.resnet50(num_classes=num_classes).to(memory_format=torch.channels_last), "resnet")
         log(f"time ratio ours / torchvision: ViT {tv_vit / vit:.3f} (ours with drop-path {cfg.drop_path}, theirs none), "
             f"ResNet {tv_cnn / cnn:.3f}")
-    if train_loader is not None:
-        it, t0, seen = iter(train_loader), time.perf_counter(), 0
-        for _ in range(min(20, len(train_loader))):
-            seen += len(next(it)[0])
-        log(f"input pipeline: {seen / (time.perf_counter() - t0):.1f} img/s with {cfg.workers} workers")
+    if train_loader is not None:  # the input pipeline alone, after the workers have started
+        it = iter(train_loader)
+        for _ in range(min(cfg.workers + 1, len(train_loader) - 1)):
+            next(it)
+        t0, seen = time.perf_counter(), 0
+        for images, *_ in itertools.islice(it, 30):
+            seen += len(images)
+        log(f"input pipeline: {seen / (time.perf_counter() - t0):.1f} img/s decoded and augmented with {cfg.workers} workers "
+            f"(the pair step needs {pair_rate:.1f})")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -965,6 +1018,7 @@ def run(cfg):
     torch.manual_seed(cfg.seed + rank)  # drop-path masks differ per rank; weights are broadcast by DDP
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # one image size: cuDNN times its algorithms once, keeps the fastest
     amp_dtype, compile_ = choose_precision(cfg, device, log)
     ckpt_path = os.path.join(cfg.out, "last.pt")
     resume = cfg.resume or cfg.eval_only or (cfg.auto_resume and os.path.exists(ckpt_path))
@@ -1001,9 +1055,8 @@ def run(cfg):
     criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
     opt_vit, peak_vit, final_vit = build_optimizer(cfg.vit, [pair.vit, pair.pair_head], cfg, global_batch, cuda)
     opt_cnn, peak_cnn, final_cnn = build_optimizer(cfg.cnn, [pair.cnn], cfg, global_batch, cuda)
-    optimizers = {"vit": (opt_vit, peak_vit, final_vit, [*pair.vit.parameters(), *pair.pair_head.parameters()]),
-                  "cnn": (opt_cnn, peak_cnn, final_cnn, list(pair.cnn.parameters()))}
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # one for both
+    schedules = [(opt_vit, peak_vit, final_vit), (opt_cnn, peak_cnn, final_cnn)]
+    scaler, fp16 = make_scaler(device, amp_dtype), amp_dtype == torch.float16
     ema = None
     if cfg.ema:
         ema = torch.optim.swa_utils.AveragedModel(
@@ -1084,14 +1137,51 @@ def run(cfg):
         if world > 1:
             dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
 
-    bad_steps, stopped, terms = 0, None, {}
+    bad_steps, stopped, launched, names = 0, None, 0, []
+
+    def settle(flight):
+        """Reads a launched step's flags (summed over ranks) while the GPU works on the next step: sums the
+        loss terms, counts non-finite steps and bad images, logs; returns why the run must stop, or None."""
+        nonlocal bad_steps, sums, n_steps, bad_images, t_log, data_time, images_seen
+        at, stage, a, in_epoch, read = flight
+        flags = read()
+        values, bad_images = [v / world for v in flags[:-2]], bad_images + int(flags[-2])
+        nonfinite = [k for k, v in zip(names, values) if not math.isfinite(v)]
+        bad_steps = bad_steps + 1 if nonfinite else 0
+        if nonfinite:
+            log(f"vpl: warning: non-finite loss at step {at} in {', '.join(nonfinite)}: its gradients were not "
+                f"applied ({bad_steps}/{cfg.max_bad_steps} in a row)")
+        else:
+            sums = [s + v for s, v in zip(sums, values)] if sums else values
+            n_steps += 1
+        if main_rank and ((at + 1) % cfg.log_every == 0 or in_epoch == steps_per_epoch) and images_seen and not nonfinite:
+            now = time.perf_counter()
+            rate = images_seen * world / (now - t_log)
+            eta = (total_steps - at - 1) * global_batch / max(rate, 1e-9)
+            print(f"stage {stage} | epoch {epoch + 1}/{cfg.epochs} | step {at + 1}/{total_steps} | "
+                  + " ".join(f"{k} {v:.3f}" for k, v in zip(names, values)) + f" | a {a:.2f} | lr "
+                  f"{opt_vit.param_groups[0]['lr']:.2e}/{opt_cnn.param_groups[0]['lr']:.2e} | {rate:.0f} img/s | "
+                  f"data {100 * data_time / (now - t_log):.0f}% | eta {fmt_time(eta)}"
+                  + (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if cuda else "")
+                  + (f" | fp16 scale {scaler.get_scale():g}" if fp16 else "")
+                  + (f" | bad images {bad_images}" if bad_images else ""), flush=True)
+            t_log, data_time, images_seen = now, 0.0, 0
+        if bad_steps >= cfg.max_bad_steps:
+            log(f"vpl: error: {bad_steps} non-finite steps in a row (last in {', '.join(nonfinite)}); "
+                f"stopping. {ckpt_path} holds the last good state: lower the lr or try --amp bf16.")
+            return "nonfinite"
+        if bad_images > 0.01 * len(train_set):
+            log(f"vpl: error: {bad_images} unreadable images this epoch (> 1%): check --data; "
+                f"{ckpt_path} is left as it was")
+            return "bad_images"
+        return "signal" if flags[-1] else None
+
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
         train_loader.sampler.start = skip_steps * cfg.accum_steps * cfg.batch_size
-        sums, bad_images, bad_since_step, n_steps = None, 0, 0, 0
+        sums, n_steps, bad_images, bad_since_step, in_flight = None, 0, 0, 0, None
         t_epoch = t_log = t_rate = time.perf_counter()
-        rate_steps = 0
-        data_time, images_seen = 0.0, 0
+        rate_steps, data_time, images_seen = 0, 0.0, 0
         stage, a = stage_at(step / total_steps, (s1, s2)), pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
         t_data = time.perf_counter()
         batches = itertools.islice(train_loader, (steps_per_epoch - skip_steps) * cfg.accum_steps)
@@ -1114,70 +1204,33 @@ def run(cfg):
             if not last_micro:
                 t_data = time.perf_counter()
                 continue
-            # one sync per step: every rank learns whether any loss is non-finite and whether to stop
-            flags = torch.cat([micro_sum, (~torch.isfinite(micro_sum)).float(),
-                               torch.tensor([float(bad_since_step), float(stop_signal.is_set())], device=device)])
-            flags = all_sum(flags, world).tolist()
-            n_terms, bad_since_step = len(terms), 0
-            values, nonfinite = [v / world for v in flags[:n_terms]], flags[n_terms:2 * n_terms]
-            bad_images += int(flags[-2])  # summed over ranks, so that all ranks take the same decision
-            if any(nonfinite):
-                names = [k for k, bad_term in zip(terms, nonfinite) if bad_term]
-                bad_steps += 1
-                log(f"vpl: warning: non-finite loss at step {step} in {', '.join(names)}: step skipped "
-                    f"({bad_steps}/{cfg.max_bad_steps} in a row)")
-                for optimizer, *_ in optimizers.values():
-                    optimizer.zero_grad(set_to_none=True)
-                if bad_steps >= cfg.max_bad_steps:
-                    log(f"vpl: error: {bad_steps} non-finite steps in a row (last in {', '.join(names)}); "
-                        f"stopping. {ckpt_path} holds the last good state: lower the lr or try --amp bf16.")
-                    stopped = "nonfinite"
-                    break
-            else:
-                bad_steps = 0
-                scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
-                for name, (optimizer, peak, final, params) in optimizers.items():
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(step, total_steps, warmup_steps, peak, final)
-                    if cfg.clip_grad:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
-                for optimizer, *_ in optimizers.values():
-                    scaler.step(optimizer)  # skipped by the scaler itself if fp16 gradients overflowed
-                    optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                if scaler.is_enabled() and scaler.get_scale() < scale_before:
-                    log(f"fp16: gradient overflow at step {step}, step skipped, loss scale now {scaler.get_scale():g}")
-                elif ema is not None:
-                    ema.update_parameters(pair)
-                sums = [s + v for s, v in zip(sums, values)] if sums else values
-                n_steps += 1
-                rate_steps += 1
-                if epoch == start_epoch and n_steps == 1:  # the first step compiles: keep it out of img/s
-                    t_log = t_rate = time.perf_counter()
-                    data_time, images_seen, rate_steps = 0.0, 0, 0
-            step += 1
-            skip_steps += 1
-            if main_rank and (step % cfg.log_every == 0 or skip_steps == steps_per_epoch) and sums:
-                now = time.perf_counter()
-                rate = images_seen * world / (now - t_log)
-                eta = (total_steps - step) * global_batch / max(rate, 1e-9)
-                loss_text = " ".join(f"{k} {v:.3f}" for k, v in zip(terms, values))
-                mem = f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if cuda else ""
-                print(f"stage {stage} | epoch {epoch + 1}/{cfg.epochs} | step {step}/{total_steps} | {loss_text} | "
-                      f"a {a:.2f} | lr {opt_vit.param_groups[0]['lr']:.2e}/{opt_cnn.param_groups[0]['lr']:.2e} | "
-                      f"{rate:.0f} img/s | data {100 * data_time / (now - t_log):.0f}% | eta {fmt_time(eta)}{mem}"
-                      + (f" | bad images {bad_images}" if bad_images else ""), flush=True)
-                t_log, data_time, images_seen = now, 0.0, 0
-            if bad_images > 0.01 * len(train_set):
-                log(f"vpl: error: {bad_images} unreadable images this epoch (> 1%): check --data; "
-                    f"{ckpt_path} is left as it was")
-                stopped = "bad_images"
-                break
-            if flags[-1] or (cfg.max_steps and step >= cfg.max_steps):
-                stopped = "signal" if flags[-1] else "max_steps"
+            # launch the step without waiting for it: its flags (loss terms, bad images, stop request) start
+            # for the host, summed over ranks, and the scaler skips non-finite gradients on the device
+            flags = torch.cat([micro_sum, torch.tensor([float(bad_since_step), float(stop_signal.is_set())], device=device)])
+            names, bad_since_step = list(terms), 0
+            flight = (step, stage, a, skip_steps + 1, to_host_async(all_sum(flags, world)))
+            for optimizer, peak, final in schedules:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total_steps, warmup_steps, peak, final)
+            apply_step([opt_vit, opt_cnn], scaler, cfg.clip_grad, fp16)
+            if ema is not None:  # after a skipped step the weights are unchanged, and so averaged again
+                ema.update_parameters(pair)
+            step, skip_steps, rate_steps, launched = step + 1, skip_steps + 1, rate_steps + 1, launched + 1
+            if launched == 1:  # the first step compiles: wait for it and keep it out of img/s
+                if cuda:
+                    torch.cuda.synchronize()
+                t_log = t_rate = time.perf_counter()
+                data_time, images_seen, rate_steps = 0.0, 0, 0
+            # the previous step's flags are on the host by now; the last step of an epoch or run is settled at once
+            stopped, in_flight = settle(in_flight) if in_flight else None, flight
+            if not stopped and (skip_steps == steps_per_epoch or (cfg.max_steps and step >= cfg.max_steps)):
+                stopped, in_flight = settle(in_flight), None
+                if not stopped and cfg.max_steps and step >= cfg.max_steps:
+                    stopped = "max_steps"
+            if stopped in ("signal", "max_steps"):
                 checkpoint(epoch, skip_steps)
                 log(f"stopped at step {step} ({stopped}); saved {ckpt_path}; continue with --resume")
+            if stopped:
                 break
             t_data = time.perf_counter()
         if stopped:
@@ -1188,7 +1241,7 @@ def run(cfg):
         # evaluate, log, save ------------------------------------------------------------------------------
         result = evaluate_all(ema is not None)
         record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result,
-                  **{f"train_{k}": v / max(1, n_steps) for k, v in zip(terms, sums or [])},
+                  **{f"train_{k}": v / max(1, n_steps) for k, v in zip(names, sums or [])},
                   "bad_images": bad_images, "img_per_s": img_per_s,
                   "time_s": time.perf_counter() - t_epoch}
         history.append(record)
