@@ -576,11 +576,14 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_bit_identically(referen
 
 
 # ------------------------------------------------------------------------------ bench and chart
-def test_bench_prints_every_figure(capsys):
+def test_bench_prints_every_figure(capsys, tmp_path):
     vpl.main(["--bench", "--batch-size", "4"])
     printed = capsys.readouterr().out
     for figure in ("ViT:", "CNN:", "pair:", "img/s", "spread", "GFLOP/img", "pair overhead"):
         assert figure in printed, figure
+    write_image_folder(tmp_path, 12)  # with --data, the input pipeline alone too
+    vpl.main(["--bench", "--data", str(tmp_path), *FOLDER_ARGS])
+    assert "input pipeline:" in capsys.readouterr().out
 
 
 def test_text_chart_marks_stages_and_both_branches():
