@@ -1139,7 +1139,7 @@ def run(cfg):
 
     bad_steps, stopped, launched, names = 0, None, 0, []
 
-    def settle(flight):
+    def settle(flight, quiet=False):
         """Reads a launched step's flags (summed over ranks) while the GPU works on the next step: sums the
         loss terms, counts non-finite steps and bad images, logs; returns why the run must stop, or None."""
         nonlocal bad_steps, sums, n_steps, bad_images, t_log, data_time, images_seen
@@ -1154,7 +1154,7 @@ def run(cfg):
         else:
             sums = [s + v for s, v in zip(sums, values)] if sums else values
             n_steps += 1
-        if main_rank and ((at + 1) % cfg.log_every == 0 or in_epoch == steps_per_epoch) and images_seen and not nonfinite:
+        if main_rank and not quiet and ((at + 1) % cfg.log_every == 0 or in_epoch == steps_per_epoch) and not nonfinite:
             now = time.perf_counter()
             rate = images_seen * world / (now - t_log)
             eta = (total_steps - at - 1) * global_batch / max(rate, 1e-9)
@@ -1222,8 +1222,9 @@ def run(cfg):
                 t_log = t_rate = time.perf_counter()
                 data_time, images_seen, rate_steps = 0.0, 0, 0
             # the previous step's flags are on the host by now; the last step of an epoch or run is settled at once
-            stopped, in_flight = settle(in_flight) if in_flight else None, flight
-            if not stopped and (skip_steps == steps_per_epoch or (cfg.max_steps and step >= cfg.max_steps)):
+            last = skip_steps == steps_per_epoch or (cfg.max_steps and step >= cfg.max_steps)
+            stopped, in_flight = settle(in_flight, quiet=last) if in_flight else None, flight
+            if not stopped and last:
                 stopped, in_flight = settle(in_flight), None
                 if not stopped and cfg.max_steps and step >= cfg.max_steps:
                     stopped = "max_steps"
