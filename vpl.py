@@ -1094,6 +1094,7 @@ def run(cfg):
             with open(log_path, "w") as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+
     def evaluate_all(with_ema):
         """The pair (and its EMA), every rank with rank 0's BatchNorm statistics."""
         sync_buffers(pair, world)
