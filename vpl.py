@@ -1207,7 +1207,9 @@ def run(cfg):
                 continue
             # launch the step without waiting for it: its flags (loss terms, bad images, stop request) start
             # for the host, summed over ranks, and the scaler skips non-finite gradients on the device
-            flags = torch.cat([micro_sum, torch.tensor([float(bad_since_step), float(stop_signal.is_set())], device=device)])
+            host = torch.tensor([float(bad_since_step), float(stop_signal.is_set())])
+            host = host.pin_memory() if cuda else host  # a copy from pageable memory would wait for the GPU
+            flags = torch.cat([micro_sum, host.to(device, non_blocking=True)])
             names, bad_since_step = list(terms), 0
             flight = (step, stage, a, skip_steps + 1, to_host_async(all_sum(flags, world)))
             for optimizer, peak, final in schedules:
