@@ -245,6 +245,16 @@ def test_apply_step_skips_only_the_optimizer_with_nonfinite_gradients():
     assert vpl.to_host_async(torch.tensor([1.5, float("inf")]))() == [1.5, float("inf")]
 
 
+def test_ema_update_matches_the_formula_for_weights_and_batchnorm_statistics():
+    model, ema = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    model(torch.randn(5, 3))  # BatchNorm statistics and its step counter move
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    vpl.ema_update(list(ema.state_dict().values()), list(model.state_dict().values()), 0.9)
+    for k, v in ema.state_dict().items():
+        want = model.state_dict()[k] if k.endswith("num_batches_tracked") else 0.9 * before[k] + 0.1 * model.state_dict()[k]
+        assert torch.allclose(v, want), k
+
+
 def test_stage_and_weight_at_exact_points():
     stages, w, ramp = "0.1,0.8", 0.5, 0.05
     expected = [(0.0, 1, 0.0), (0.1, 2, 0.0), (0.125, 2, 0.25), (0.15, 2, 0.5), (0.5, 2, 0.5), (0.8, 3, 0.0), (1.0, 3, 0.0)]

@@ -12,6 +12,7 @@ reconstruction (README, "The method"); every choice is a flag.
 """
 import argparse
 import contextlib
+import copy
 import itertools
 import json
 import math
@@ -750,6 +751,17 @@ def apply_step(optimizers, scaler, clip_grad, fp16):
     scaler.update(None if fp16 else 1.0)
 
 
+@torch.no_grad()
+def ema_update(ema_tensors, model_tensors, decay):
+    """One EMA step over matching lists of state tensors, with no host sync: floating ones (weights and
+    BatchNorm statistics) move (1 - decay) of the way to the model's; integer ones are copied."""
+    floats = [i for i, t in enumerate(ema_tensors) if t.is_floating_point()]
+    torch._foreach_lerp_([ema_tensors[i] for i in floats], [model_tensors[i] for i in floats], 1 - decay)
+    for e, m in zip(ema_tensors, model_tensors):
+        if not e.is_floating_point():
+            e.copy_(m)
+
+
 def to_host_async(tensor):
     """Starts copying a CUDA tensor to the host; returns a function that waits for the copy and gives a
     list. Read a step late, the GPU never idles waiting for the host."""
@@ -1057,10 +1069,8 @@ def run(cfg):
     opt_cnn, peak_cnn, final_cnn = build_optimizer(cfg.cnn, [pair.cnn], cfg, global_batch, cuda)
     schedules = [(opt_vit, peak_vit, final_vit), (opt_cnn, peak_cnn, final_cnn)]
     scaler, fp16 = make_scaler(device, amp_dtype), amp_dtype == torch.float16
-    ema = None
-    if cfg.ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            pair, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+    ema = copy.deepcopy(pair).requires_grad_(False) if cfg.ema else None  # the pair's EMA, BatchNorm statistics too
+    ema_tensors = (list(ema.state_dict().values()), list(pair.state_dict().values())) if ema else None  # views, kept
     step_model = torch.compile(pair) if compile_ else pair  # compile the plain module, then wrap in DDP
     model = DDP(step_model, device_ids=[device.index] if cuda else None) if world > 1 else step_model
 
@@ -1101,7 +1111,7 @@ def run(cfg):
         result = evaluate(step_model, val_loader, device, amp_dtype, world, len(val_set))
         if with_ema:
             sync_buffers(ema, world)
-            result.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, device, amp_dtype, world, len(val_set)).items()})
+            result.update({f"ema_{k}": v for k, v in evaluate(ema, val_loader, device, amp_dtype, world, len(val_set)).items()})
         return result
 
     if cfg.eval_only:
@@ -1217,7 +1227,7 @@ def run(cfg):
                     group["lr"] = lr_at(step, total_steps, warmup_steps, peak, final)
             apply_step([opt_vit, opt_cnn], scaler, cfg.clip_grad, fp16)
             if ema is not None:  # after a skipped step the weights are unchanged, and so averaged again
-                ema.update_parameters(pair)
+                ema_update(*ema_tensors, cfg.ema)
             step, skip_steps, rate_steps, launched = step + 1, skip_steps + 1, rate_steps + 1, launched + 1
             if launched == 1:  # the first step compiles: wait for it and keep it out of img/s
                 if cuda:
@@ -1265,7 +1275,7 @@ def run(cfg):
     if stopped is None:
         if ema is not None and main_rank:
             for branch in ("vit", "cnn"):
-                save_atomic(getattr(ema.module, branch).state_dict(), os.path.join(cfg.out, f"{branch}_ema.pt"))
+                save_atomic(getattr(ema, branch).state_dict(), os.path.join(cfg.out, f"{branch}_ema.pt"))
         log(text_chart(history, cfg.stages, cfg.epochs))
         log(f"best val top-1: ViT {best['vit']:.2f}, CNN {best['cnn']:.2f}; weights in {cfg.out}/vit.pt, cnn.pt")
     for sig, handler in old_handlers.items():
