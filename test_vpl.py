@@ -339,6 +339,22 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
         assert_same(a[key], b[key], key)
     log = read_log(whole)
     assert "ema_val_vit_top1" in log[-1] and os.path.exists(os.path.join(whole, "vit_ema.pt"))
+    # --eval-only evaluates the checkpoint's EMA too, without being told
+    evaluated = json.loads(run_vpl(*TINY, "--amp", "fp16", "--out", whole, "--eval-only").stdout.splitlines()[-1])
+    assert evaluated.keys() == {k for k in log[-1] if k.startswith(("val_", "ema_val_"))}
+    for key, value in evaluated.items():
+        assert value == pytest.approx(log[-1][key], abs=1e-9), key
+
+
+def test_ema_added_on_resume_starts_from_the_resumed_weights(reference_run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], out)  # a checkpoint without EMA
+    run_vpl(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "25", "--ema", "0.5")
+    resumed, after = model_state(reference_run[0]), torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert after["step"] == 25
+    for key, ema in after["ema"].items():  # one step of decay 0.5: halfway from the resumed to the new weights
+        if ema.is_floating_point():
+            assert torch.allclose(ema, (resumed[key] + after["model"][key]) / 2, atol=1e-6), key
 
 
 def test_data_loaders_leave_the_global_rng_alone():

@@ -11,6 +11,7 @@ reconstruction (README, "The method"); every choice is a flag.
     python vpl.py --bench --preset imagenet                # training throughput against torchvision
 """
 import argparse
+import collections
 import contextlib
 import copy
 import itertools
@@ -23,7 +24,6 @@ import statistics
 import sys
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -775,9 +775,10 @@ def to_host_async(tensor):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, amp_dtype, world, expected):
+def evaluate(model, loader, device, amp_dtype, world):
     """Top-1/top-5 (%) of the ViT, the CNN, the pair head and the ensemble (mean of the two branches'
     probabilities), each val image counted once over all ranks; the count is checked."""
+    sync_buffers(model, world)  # every rank evaluates (and later saves) rank 0's BatchNorm statistics
     was_training, names = model.training, ("vit", "cnn", "pair", "ens")
     model.eval()
     hits = torch.zeros(len(names), 2, device=device, dtype=torch.float64)  # (model, top-1 / top-5)
@@ -792,13 +793,21 @@ def evaluate(model, loader, device, amp_dtype, world, expected):
             hits[i, 0] += top[:, 0].sum()
             hits[i, 1] += top.any(dim=1).sum()
         count += len(targets)
-    count, hits = all_sum(count, world), all_sum(hits, world)
+    count, hits = int(all_sum(count, world).item()), all_sum(hits, world)
     model.train(was_training)
-    if int(count.item()) != expected:
-        raise RuntimeError(f"evaluated {int(count.item())} val images, expected {expected}")
-    result = {"val_images": int(count.item())}
+    if count != len(loader.dataset):
+        raise RuntimeError(f"evaluated {count} val images, expected {len(loader.dataset)}")
+    result = {"val_images": count}
     for i, name in enumerate(names):
         result[f"val_{name}_top1"], result[f"val_{name}_top5"] = (100 * hits[i] / count).tolist()
+    return result
+
+
+def evaluate_pair(model, ema, loader, device, amp_dtype, world):
+    """evaluate() of the pair, and of its EMA (keys 'ema_val_...') if there is one."""
+    result = evaluate(model, loader, device, amp_dtype, world)
+    if ema is not None:
+        result.update({f"ema_{k}": v for k, v in evaluate(ema, loader, device, amp_dtype, world).items()})
     return result
 
 
@@ -868,6 +877,52 @@ def load_initial_weights(cfg, pair):
             load_branch_weights(branch, load_checkpoint(path))
 
 
+def build_pair(cfg, num_classes):
+    """The ViT, the CNN (channels_last: faster convolutions on GPUs) and the pair head, seeded so that
+    every rank builds the same initial weights."""
+    torch.manual_seed(cfg.seed)
+    pair = PairModel(build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path),
+                     build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path), num_classes)
+    pair.cnn.to(memory_format=torch.channels_last)
+    return pair
+
+
+def build_optimizers(cfg, pair, global_batch, cuda):
+    """[(optimizer, peak lr, final lr)] of the ViT (which also trains the pair head) and of the CNN."""
+    return [build_optimizer(cfg.vit, [pair.vit, pair.pair_head], cfg, global_batch, cuda),
+            build_optimizer(cfg.cnn, [pair.cnn], cfg, global_batch, cuda)]
+
+
+def save_checkpoint(path, parts, meta, rank, world):
+    """Every part's state dict and `meta` in one file, written by rank 0 while the others wait."""
+    state = {**{name: part.state_dict() for name, part in parts.items()}, **meta}
+    if rank == 0:
+        save_atomic(state, path)
+    if world > 1:
+        dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
+
+
+def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
+    """Loads every part that the checkpoint holds, after checking that it was made by the same setup,
+    and (to train on) this rank's RNG state; returns the checkpoint."""
+    ckpt = load_checkpoint(path)
+    made, now = {**ckpt["config"], "classes": ckpt["num_classes"]}, {**asdict(cfg), "classes": num_classes}
+    for key in ("vit", "cnn", "img_size", "classes"):
+        if made[key] != now[key]:
+            raise UserError(f"{path} was made with {key.replace('_', '-')} {made[key]}, not {now[key]}")
+    if not cfg.eval_only and (ckpt["global_batch"], ckpt["world"]) != (global_batch, world):
+        raise UserError(f"{path} was made with global batch {ckpt['global_batch']} on {ckpt['world']} processes; "
+                        f"resume with the same (now {global_batch} on {world})")
+    for name, part in parts.items():
+        if name in ckpt:
+            part.load_state_dict(ckpt[name])
+    if not cfg.eval_only:  # evaluation may run on any number of processes
+        torch.set_rng_state(ckpt["rng"][rank]["cpu"])
+        if torch.cuda.is_available() and torch.cuda.is_initialized() and "cuda" in ckpt["rng"][rank]:
+            torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
+    return ckpt
+
+
 def text_chart(history, stages, epochs, height=10):
     """A text chart of both branches' val top-1 per epoch ('v' ViT, 'c' CNN, '*' both), stage
     boundaries marked with '|'."""
@@ -892,6 +947,74 @@ def text_chart(history, stages, epochs, height=10):
 
 def fmt_time(seconds):
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+# A launched optimizer step: where it was, and `read`, which waits for its flags on the host.
+Flight = collections.namedtuple("Flight", "step epoch stage pair_weight step_in_epoch lrs read")
+
+
+class Progress:
+    """The training loop's bookkeeping, fed each step's flags a step late (the GPU never waits for it):
+    mean loss terms, non-finite steps in a row, unreadable images, img/s; prints the progress line."""
+
+    def __init__(self, cfg, world, steps_per_epoch, train_size, ckpt_path, log, cuda, scaler=None):
+        self.cfg, self.world, self.steps_per_epoch, self.train_size = cfg, world, steps_per_epoch, train_size
+        self.ckpt_path, self.log, self.cuda, self.scaler = ckpt_path, log, cuda, scaler
+        self.total_steps, self.global_batch = cfg.epochs * steps_per_epoch, cfg.batch_size * world * cfg.accum_steps
+        self.names, self.bad_steps = [], 0
+
+    def start_epoch(self):
+        self.sums, self.finite_steps, self.bad_images = None, 0, 0
+        self.restart_clock()
+
+    def restart_clock(self):
+        """Throughput counts from here (after the first step, which compiles)."""
+        self.t_log = self.t_rate = time.perf_counter()
+        self.data_time, self.images_seen, self.rate_steps = 0.0, 0, 0
+
+    def settle(self, flight, quiet=False):
+        """Reads a launched step's flags, [*loss terms, bad images, stop request] summed over ranks, and
+        logs; returns why the run must stop ('nonfinite', 'bad_images', 'signal') or None."""
+        cfg, flags = self.cfg, flight.read()
+        values, self.bad_images = [v / self.world for v in flags[:-2]], self.bad_images + int(flags[-2])
+        nonfinite = [k for k, v in zip(self.names, values) if not math.isfinite(v)]
+        self.bad_steps = self.bad_steps + 1 if nonfinite else 0
+        if nonfinite:
+            self.log(f"vpl: warning: non-finite loss at step {flight.step} in {', '.join(nonfinite)}: its gradients "
+                     f"were not applied ({self.bad_steps}/{cfg.max_bad_steps} in a row)")
+        else:
+            self.sums = [s + v for s, v in zip(self.sums, values)] if self.sums else values
+            self.finite_steps += 1
+            if not quiet and ((flight.step + 1) % cfg.log_every == 0 or flight.step_in_epoch == self.steps_per_epoch):
+                self.print_line(flight, values)
+        if self.bad_steps >= cfg.max_bad_steps:
+            self.log(f"vpl: error: {self.bad_steps} non-finite steps in a row (last in {', '.join(nonfinite)}); "
+                     f"stopping. {self.ckpt_path} holds the last good state: lower the lr or try --amp bf16.")
+            return "nonfinite"
+        if self.bad_images > 0.01 * self.train_size:
+            self.log(f"vpl: error: {self.bad_images} unreadable images this epoch (> 1%): check --data; "
+                     f"{self.ckpt_path} is left as it was")
+            return "bad_images"
+        return "signal" if flags[-1] else None
+
+    def print_line(self, flight, values):
+        now = time.perf_counter()
+        rate = self.images_seen * self.world / (now - self.t_log)
+        eta = (self.total_steps - flight.step - 1) * self.global_batch / max(rate, 1e-9)
+        self.log(f"stage {flight.stage} | epoch {flight.epoch + 1}/{self.cfg.epochs} | step {flight.step + 1}/"
+                 f"{self.total_steps} | " + " ".join(f"{k} {v:.3f}" for k, v in zip(self.names, values))
+                 + f" | a {flight.pair_weight:.2f} | lr " + "/".join(f"{lr:.2e}" for lr in flight.lrs)
+                 + f" | {rate:.0f} img/s | data {100 * self.data_time / (now - self.t_log):.0f}% | eta {fmt_time(eta)}"
+                 + (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if self.cuda else "")
+                 + (f" | fp16 scale {self.scaler.get_scale():g}" if self.scaler else "")  # a host wait, once a line
+                 + (f" | bad images {self.bad_images}" if self.bad_images else ""), flush=True)
+        self.t_log, self.data_time, self.images_seen = now, 0.0, 0
+
+    def summary(self):
+        """The epoch's mean loss terms (finite steps only), unreadable images and img/s."""
+        return {**{f"train_{k}": v / max(1, self.finite_steps) for k, v in zip(self.names, self.sums or [])},
+                "bad_images": self.bad_images,
+                "img_per_s": self.rate_steps * self.global_batch / (time.perf_counter() - self.t_rate)}
 
 
 def choose_precision(cfg, device, log):
@@ -953,9 +1076,8 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         model = model.to(device).train()
-        optimizers = ([build_optimizer(cfg.vit, [model.vit, model.pair_head], cfg, B, cuda)[0],
-                       build_optimizer(cfg.cnn, [model.cnn], cfg, B, cuda)[0]] if pair  # as in training
-                      else [build_optimizer(arch, [model], cfg, B, cuda)[0]])
+        schedules = build_optimizers(cfg, model, B, cuda) if pair else [build_optimizer(arch, [model], cfg, B, cuda)]
+        optimizers = [optimizer for optimizer, _, _ in schedules]
         step_model = torch.compile(model) if compile_ else model
         criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
 
@@ -991,11 +1113,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
         + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else ""))
     vit = measure("ViT", build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path), cfg.vit)
     cnn = measure("CNN", build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path).to(memory_format=torch.channels_last), cfg.cnn)
-    torch.manual_seed(cfg.seed)
-    pair = PairModel(build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path),
-                     build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path), num_classes)
-    pair.cnn.to(memory_format=torch.channels_last)
-    pair_rate = measure("pair", pair, cfg.vit, pair=True)
+    pair_rate = measure("pair", build_pair(cfg, num_classes), cfg.vit, pair=True)
     log(f"pair overhead vs ViT + CNN alone: {100 * ((1 / pair_rate) / (1 / vit + 1 / cnn) - 1):+.1f}%")
     if cfg.vit == "vit_b_16" and cfg.cnn == "resnet50":
         tv_vit = measure("torchvision ViT", torchvision.models.vit_b_16(num_classes=num_classes), "vit")
@@ -1020,6 +1138,9 @@ def main(argv=None):
     except UserError as e:
         print(f"vpl: error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run(cfg):
@@ -1055,149 +1176,78 @@ def run(cfg):
     mix = build_mix(cfg, num_classes)
 
     # STAGE 3: the pair, its loss and two optimizers --------------------------------------------------
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    pair = PairModel(build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path),
-                     build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path), num_classes)
+    pair = build_pair(cfg, num_classes)
     torch.manual_seed(cfg.seed + rank)
     load_initial_weights(cfg, pair)
     if cfg.sync_bn and cuda and world > 1:
         pair.cnn = nn.SyncBatchNorm.convert_sync_batchnorm(pair.cnn)
     pair.to(device)
-    pair.cnn.to(memory_format=torch.channels_last)
     criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
-    opt_vit, peak_vit, final_vit = build_optimizer(cfg.vit, [pair.vit, pair.pair_head], cfg, global_batch, cuda)
-    opt_cnn, peak_cnn, final_cnn = build_optimizer(cfg.cnn, [pair.cnn], cfg, global_batch, cuda)
-    schedules = [(opt_vit, peak_vit, final_vit), (opt_cnn, peak_cnn, final_cnn)]
+    schedules = build_optimizers(cfg, pair, global_batch, cuda)
+    (opt_vit, peak_vit, _), (opt_cnn, peak_cnn, _) = schedules
     scaler, fp16 = make_scaler(device, amp_dtype), amp_dtype == torch.float16
-    ema = copy.deepcopy(pair).requires_grad_(False) if cfg.ema else None  # the pair's EMA, BatchNorm statistics too
-    ema_tensors = (list(ema.state_dict().values()), list(pair.state_dict().values())) if ema else None  # views, kept
+    parts = {"model": pair, "opt_vit": opt_vit, "opt_cnn": opt_cnn, "scaler": scaler}  # what a checkpoint holds
+
+    # STAGE 4: resume, the EMA, compile ----------------------------------------------------------------
+    ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank) if resume else {}
+    start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
+    best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
+    # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
+    ema = copy.deepcopy(pair).requires_grad_(False) if ("ema" in ckpt if cfg.eval_only else cfg.ema) else None
+    if ema is not None:
+        parts["ema"] = ema
+        if "ema" in ckpt:
+            ema.load_state_dict(ckpt["ema"])
+    # state_dict() values share storage with the live tensors (loading copies in place): made once, kept
+    ema_tensors = (list(ema.state_dict().values()), list(pair.state_dict().values())) if ema else None
     step_model = torch.compile(pair) if compile_ else pair  # compile the plain module, then wrap in DDP
     model = DDP(step_model, device_ids=[device.index] if cuda else None) if world > 1 else step_model
-
-    # STAGE 4: resume ----------------------------------------------------------------------------------
-    start_epoch, step, best, skip_steps, history = 0, 0, {"vit": -1.0, "cnn": -1.0}, 0, []
+    history, log_path = [], os.path.join(cfg.out, "log.jsonl")
+    if resume and main_rank and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
+        with open(log_path) as f:
+            history = [h for h in map(json.loads, f) if h["epoch"] < start_epoch]
+        with open(log_path, "w") as f:
+            f.writelines(json.dumps(h) + "\n" for h in history)
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        for key in ("vit", "cnn", "img_size"):
-            if ckpt["config"][key] != getattr(cfg, key):
-                raise UserError(f"{ckpt_path} was made with --{key.replace('_', '-')} {ckpt['config'][key]}, not {getattr(cfg, key)}")
-        if ckpt["num_classes"] != num_classes:
-            raise UserError(f"{ckpt_path} has {ckpt['num_classes']} classes; --data has {num_classes}")
-        if not cfg.eval_only and (ckpt["global_batch"], ckpt["world"]) != (global_batch, world):
-            raise UserError(f"{ckpt_path} was made with global batch {ckpt['global_batch']} on {ckpt['world']} processes; "
-                            f"resume with the same (now {global_batch} on {world})")
-        pair.load_state_dict(ckpt["model"])
-        opt_vit.load_state_dict(ckpt["opt_vit"])
-        opt_cnn.load_state_dict(ckpt["opt_cnn"])
-        scaler.load_state_dict(ckpt["scaler"])
-        if ema is not None and "ema" in ckpt:
-            ema.load_state_dict(ckpt["ema"])
-        start_epoch, step, best, skip_steps = ckpt["epoch"], ckpt["step"], ckpt["best"], ckpt["step_in_epoch"]
-        if not cfg.eval_only:  # evaluation may run on any number of processes
-            torch.set_rng_state(ckpt["rng"][rank]["cpu"])
-            if cuda and "cuda" in ckpt["rng"][rank]:
-                torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"])
-        log_path = os.path.join(cfg.out, "log.jsonl")
-        if main_rank and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
-            with open(log_path) as f:
-                history = [h for h in map(json.loads, f) if h["epoch"] < start_epoch]
-            with open(log_path, "w") as f:
-                f.writelines(json.dumps(h) + "\n" for h in history)
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-
-    def evaluate_all(with_ema):
-        """The pair (and its EMA), every rank with rank 0's BatchNorm statistics."""
-        sync_buffers(pair, world)
-        result = evaluate(step_model, val_loader, device, amp_dtype, world, len(val_set))
-        if with_ema:
-            sync_buffers(ema, world)
-            result.update({f"ema_{k}": v for k, v in evaluate(ema, val_loader, device, amp_dtype, world, len(val_set)).items()})
-        return result
-
     if cfg.eval_only:
-        result = evaluate_all(ema is not None and "ema" in ckpt)
+        result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
         log(json.dumps(result))
-        if world > 1:
-            dist.destroy_process_group()
         return result
 
     s1, s2 = parse_stages(cfg.stages)
     log(json.dumps(asdict(cfg)))
     log(f"processes {world}, batch {cfg.batch_size} per process x {cfg.accum_steps} accumulation = global batch "
-        f"{global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps")
+        f"{global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps; amp {amp_dtype}, compile {compile_}, "
+        f"device {device}")
     log(f"lr rule: ViT-type {cfg.lr_vit} x {global_batch}/512 (AdamW), ResNet-type {cfg.lr_cnn} x {global_batch}/1024 "
         f"(SGD) -> {cfg.vit} {peak_vit:.3g}, {cfg.cnn} {peak_cnn:.3g}; warm-up {warmup_steps} steps, then cosine")
     log(f"stages: 1 warm-up epochs [0, {s1 * cfg.epochs:g}), 2 pair [{s1 * cfg.epochs:g}, {s2 * cfg.epochs:g}) "
         f"with a -> {cfg.pair_weight} over {cfg.ramp * cfg.epochs:g} epochs, 3 solo [{s2 * cfg.epochs:g}, {cfg.epochs}]")
-    log(f"amp {amp_dtype}, compile {compile_}, device {device}")
 
     # STAGE 5: train, evaluate, save, every epoch ---------------------------------------------------------
     stop_signal = threading.Event()  # SIGTERM/SIGINT: finish the step, save, exit
     old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     os.makedirs(cfg.out, exist_ok=True)
+    progress = Progress(cfg, world, steps_per_epoch, len(train_set), ckpt_path, log, cuda, scaler if fp16 else None)
+    first_step, stopped = step, None
 
     def checkpoint(epoch, step_in_epoch):
-        state = {"model": pair.state_dict(), "opt_vit": opt_vit.state_dict(), "opt_cnn": opt_cnn.state_dict(),
-                 "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
-                 "best": best, "config": asdict(cfg), "num_classes": num_classes, "rng": rng_state(world),
-                 "global_batch": global_batch, "world": world}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        if main_rank:
-            save_atomic(state, ckpt_path)
-        if world > 1:
-            dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
-
-    bad_steps, stopped, launched, names = 0, None, 0, []
-
-    def settle(flight, quiet=False):
-        """Reads a launched step's flags (summed over ranks) while the GPU works on the next step: sums the
-        loss terms, counts non-finite steps and bad images, logs; returns why the run must stop, or None."""
-        nonlocal bad_steps, sums, n_steps, bad_images, t_log, data_time, images_seen
-        at, stage, a, in_epoch, read = flight
-        flags = read()
-        values, bad_images = [v / world for v in flags[:-2]], bad_images + int(flags[-2])
-        nonfinite = [k for k, v in zip(names, values) if not math.isfinite(v)]
-        bad_steps = bad_steps + 1 if nonfinite else 0
-        if nonfinite:
-            log(f"vpl: warning: non-finite loss at step {at} in {', '.join(nonfinite)}: its gradients were not "
-                f"applied ({bad_steps}/{cfg.max_bad_steps} in a row)")
-        else:
-            sums = [s + v for s, v in zip(sums, values)] if sums else values
-            n_steps += 1
-        if main_rank and not quiet and ((at + 1) % cfg.log_every == 0 or in_epoch == steps_per_epoch) and not nonfinite:
-            now = time.perf_counter()
-            rate = images_seen * world / (now - t_log)
-            eta = (total_steps - at - 1) * global_batch / max(rate, 1e-9)
-            print(f"stage {stage} | epoch {epoch + 1}/{cfg.epochs} | step {at + 1}/{total_steps} | "
-                  + " ".join(f"{k} {v:.3f}" for k, v in zip(names, values)) + f" | a {a:.2f} | lr "
-                  f"{opt_vit.param_groups[0]['lr']:.2e}/{opt_cnn.param_groups[0]['lr']:.2e} | {rate:.0f} img/s | "
-                  f"data {100 * data_time / (now - t_log):.0f}% | eta {fmt_time(eta)}"
-                  + (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if cuda else "")
-                  + (f" | fp16 scale {scaler.get_scale():g}" if fp16 else "")
-                  + (f" | bad images {bad_images}" if bad_images else ""), flush=True)
-            t_log, data_time, images_seen = now, 0.0, 0
-        if bad_steps >= cfg.max_bad_steps:
-            log(f"vpl: error: {bad_steps} non-finite steps in a row (last in {', '.join(nonfinite)}); "
-                f"stopping. {ckpt_path} holds the last good state: lower the lr or try --amp bf16.")
-            return "nonfinite"
-        if bad_images > 0.01 * len(train_set):
-            log(f"vpl: error: {bad_images} unreadable images this epoch (> 1%): check --data; "
-                f"{ckpt_path} is left as it was")
-            return "bad_images"
-        return "signal" if flags[-1] else None
+        meta = {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "config": asdict(cfg),
+                "num_classes": num_classes, "rng": rng_state(world), "global_batch": global_batch, "world": world}
+        save_checkpoint(ckpt_path, parts, meta, rank, world)
 
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
-        train_loader.sampler.start = skip_steps * cfg.accum_steps * cfg.batch_size
-        sums, n_steps, bad_images, bad_since_step, in_flight = None, 0, 0, 0, None
-        t_epoch = t_log = t_rate = time.perf_counter()
-        rate_steps, data_time, images_seen = 0, 0.0, 0
+        train_loader.sampler.start = step_in_epoch * cfg.accum_steps * cfg.batch_size
+        progress.start_epoch()
+        t_epoch = t_data = time.perf_counter()
+        in_flight, bad_since_step = None, 0
+        # stage and a here too: a resumed epoch may have no step left
         stage, a = stage_at(step / total_steps, (s1, s2)), pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
-        t_data = time.perf_counter()
-        batches = itertools.islice(train_loader, (steps_per_epoch - skip_steps) * cfg.accum_steps)
+        batches = itertools.islice(train_loader, (steps_per_epoch - step_in_epoch) * cfg.accum_steps)
         for micro, (images, targets, bad) in enumerate(batches):  # whole optimizer steps only
-            data_time += time.perf_counter() - t_data
+            progress.data_time += time.perf_counter() - t_data
             bad_since_step += int(bad.sum())
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if mix is not None:
@@ -1209,54 +1259,54 @@ def run(cfg):
             a = pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
             with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
                 terms = train_step(model, criterion, images, targets, a, amp_dtype, scaler, 1 / cfg.accum_steps)
-            acc = torch.stack(list(terms.values())) / cfg.accum_steps
-            micro_sum = acc if micro % cfg.accum_steps == 0 else micro_sum + acc
-            images_seen += len(images)
+            micro_terms = torch.stack(list(terms.values())) / cfg.accum_steps  # summed: the mean over micro-steps
+            step_terms = micro_terms if micro % cfg.accum_steps == 0 else step_terms + micro_terms
+            progress.images_seen += len(images)
             if not last_micro:
                 t_data = time.perf_counter()
                 continue
-            # launch the step without waiting for it: its flags (loss terms, bad images, stop request) start
+            # launch the step without waiting for it: its flags [*loss terms, bad images, stop request] start
             # for the host, summed over ranks, and the scaler skips non-finite gradients on the device
             host = torch.tensor([float(bad_since_step), float(stop_signal.is_set())])
             host = host.pin_memory() if cuda else host  # a copy from pageable memory would wait for the GPU
-            flags = torch.cat([micro_sum, host.to(device, non_blocking=True)])
-            names, bad_since_step = list(terms), 0
-            flight = (step, stage, a, skip_steps + 1, to_host_async(all_sum(flags, world)))
-            for optimizer, peak, final in schedules:
+            flags = all_sum(torch.cat([step_terms, host.to(device, non_blocking=True)]), world)
+            lrs = [lr_at(step, total_steps, warmup_steps, peak, final) for _, peak, final in schedules]
+            flight = Flight(step, epoch, stage, a, step_in_epoch + 1, lrs, to_host_async(flags))
+            for (optimizer, _, _), lr in zip(schedules, lrs):
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total_steps, warmup_steps, peak, final)
+                    group["lr"] = lr
             apply_step([opt_vit, opt_cnn], scaler, cfg.clip_grad, fp16)
             if ema is not None:  # after a skipped step the weights are unchanged, and so averaged again
                 ema_update(*ema_tensors, cfg.ema)
-            step, skip_steps, rate_steps, launched = step + 1, skip_steps + 1, rate_steps + 1, launched + 1
-            if launched == 1:  # the first step compiles: wait for it and keep it out of img/s
+            progress.names, bad_since_step = list(terms), 0
+            step, step_in_epoch, progress.rate_steps = step + 1, step_in_epoch + 1, progress.rate_steps + 1
+            if step == first_step + 1:  # the first step compiles: wait for it and keep it out of img/s
                 if cuda:
                     torch.cuda.synchronize()
-                t_log = t_rate = time.perf_counter()
-                data_time, images_seen, rate_steps = 0.0, 0, 0
-            # the previous step's flags are on the host by now; the last step of an epoch or run is settled at once
-            last = skip_steps == steps_per_epoch or (cfg.max_steps and step >= cfg.max_steps)
-            stopped, in_flight = settle(in_flight, quiet=last) if in_flight else None, flight
+                progress.restart_clock()
+            # the previous step's flags are on the host by now: settle it. The last step of an epoch or run is
+            # settled at once, so nothing is in flight at a checkpoint; its line is printed, not the previous one
+            last = step_in_epoch == steps_per_epoch or (cfg.max_steps and step >= cfg.max_steps)
+            previous, in_flight = in_flight, flight
+            stopped = progress.settle(previous, quiet=last) if previous else None
             if not stopped and last:
-                stopped, in_flight = settle(in_flight), None
+                stopped, in_flight = progress.settle(flight), None
                 if not stopped and cfg.max_steps and step >= cfg.max_steps:
                     stopped = "max_steps"
             if stopped in ("signal", "max_steps"):
-                checkpoint(epoch, skip_steps)
+                checkpoint(epoch, step_in_epoch)
                 log(f"stopped at step {step} ({stopped}); saved {ckpt_path}; continue with --resume")
             if stopped:
                 break
             t_data = time.perf_counter()
         if stopped:
             break
-        skip_steps = 0
-        img_per_s = rate_steps * global_batch / (time.perf_counter() - t_rate)
+        step_in_epoch = 0
 
         # evaluate, log, save ------------------------------------------------------------------------------
-        result = evaluate_all(ema is not None)
-        record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result,
-                  **{f"train_{k}": v / max(1, n_steps) for k, v in zip(names, sums or [])},
-                  "bad_images": bad_images, "img_per_s": img_per_s,
+        train_stats = progress.summary()
+        result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
+        record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result, **train_stats,
                   "time_s": time.perf_counter() - t_epoch}
         history.append(record)
         log(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
@@ -1267,7 +1317,7 @@ def run(cfg):
                 if main_rank:
                     save_atomic(getattr(pair, branch).state_dict(), os.path.join(cfg.out, f"{branch}.pt"))
         if main_rank:
-            with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+            with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         checkpoint(epoch + 1, 0)
 
@@ -1280,8 +1330,6 @@ def run(cfg):
         log(f"best val top-1: ViT {best['vit']:.2f}, CNN {best['cnn']:.2f}; weights in {cfg.out}/vit.pt, cnn.pt")
     for sig, handler in old_handlers.items():
         signal.signal(sig, handler)
-    if world > 1:
-        dist.destroy_process_group()
     if stopped in ("nonfinite", "bad_images"):
         sys.exit(3)
     return history
