@@ -318,14 +318,16 @@ class Bottleneck(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = conv1x1(cin, planes), nn.BatchNorm2d(planes)
         self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)
-        self.conv3, self.bn3 = conv1x1(planes, planes * 4), nn.BatchNorm2d(planes * 4)
+        self.conv3, self.bn3 = conv1x1(planes, planes * self.expansion), nn.BatchNorm2d(planes * self.expansion)
         self.relu, self.downsample = nn.ReLU(inplace=True), downsample
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self.relu(self.bn3(self.conv3(out)) + identity)
+        out = self.bn3(self.conv3(out))
+        out += identity  # in place, as torchvision: backward needs BatchNorm's input, not its output
+        return self.relu(out)
 
 
 class ResNet(nn.Module):
@@ -353,11 +355,11 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bn3.weight)
 
     def _make_layer(self, planes, blocks, stride):
-        downsample = None
-        if stride != 1 or self.inplanes != planes * 4:
-            downsample = nn.Sequential(conv1x1(self.inplanes, planes * 4, stride), nn.BatchNorm2d(planes * 4))
+        downsample, out = None, planes * Bottleneck.expansion
+        if stride != 1 or self.inplanes != out:  # the shortcut must change shape too
+            downsample = nn.Sequential(conv1x1(self.inplanes, out, stride), nn.BatchNorm2d(out))
         layers = [Bottleneck(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes * 4
+        self.inplanes = out
         layers += [Bottleneck(self.inplanes, planes) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
@@ -1058,8 +1060,8 @@ def timed(fn, device, repeats=5, inner=3):
 
 
 def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
-    """Training-step throughput (img/s, median and spread of 5 repeats) of each branch alone, of the
-    pair step, and of torchvision's models for the ImageNet preset; compile time reported apart."""
+    """Training-step throughput (img/s) of each branch alone, of the pair step, and of torchvision's models
+    for the ImageNet preset, timed in turn over 5 rounds (median, spread); compile time reported apart."""
     import gc
     import torchvision
     from torch.utils.flop_counter import FlopCounterMode
@@ -1070,18 +1072,18 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
     gpu = torch.cuda.get_device_name() if cuda else ""
     peak = next((v[0 if amp_dtype else 1] for k, v in PEAK_FLOPS.items() if k in gpu), None)
 
-    def measure(name, model, arch, pair=False):
+    def prepare(model, arch, pair=False):
+        """One model's training step, compiled and warmed up: (step, first step's seconds, FLOPs per image,
+        peak memory above what was allocated before, in bytes, on CUDA)."""
         gc.collect()
-        if cuda:  # peak memory of this model alone
+        if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
+        resident = torch.cuda.memory_allocated() if cuda else 0  # the models prepared before this one
         model = model.to(device).train()
         schedules = build_optimizers(cfg, model, B, cuda) if pair else [build_optimizer(arch, [model], cfg, B, cuda)]
-        optimizers = [optimizer for optimizer, _, _ in schedules]
         step_model = torch.compile(model) if compile_ else model
-        criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
-
-        in_flight = []
+        criterion, in_flight = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing), []
 
         def step():
             if pair:  # as in training: the loss terms go to the host and are read a step late
@@ -1091,35 +1093,46 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
                 with amp_context(device, amp_dtype):
                     loss = F.cross_entropy(step_model(images).float(), targets)
                 scaler.scale(loss).backward()
-            apply_step(optimizers, scaler, 0.0, fp16)
+            apply_step([optimizer for optimizer, _, _ in schedules], scaler, 0.0, fp16)
             if len(in_flight) > 1:
                 in_flight.pop(0)()
         first = timed(step, device, repeats=1, inner=1)[0]  # compiles, if compiling
         timed(step, device, repeats=1, inner=2)  # warm-up: allocator, cuDNN algorithm choice
-        rates = [B / s for s in timed(step, device)]
-        median = statistics.median(rates)
         with FlopCounterMode(display=False) as counter:
             model(images[:1])
-        flops = 3 * counter.get_total_flops()  # forward + backward ~ 3x forward, per image
-        line = (f"{name:>16}: {median:8.4g} img/s, {1000 * B / median:.0f} ms/step (spread {min(rates):.4g}-{max(rates):.4g}), first step "
-                f"{first:.2f} s{' incl. compile' if compile_ else ''}, {flops / 1e9:.3g} GFLOP/img")
-        if cuda:
-            line += f", peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-            line += f", MFU {100 * median * flops / peak:.1f}%" if peak else ""
-        log(line)
-        return median
+        memory = torch.cuda.max_memory_allocated() - resident if cuda else 0
+        return step, first, 3 * counter.get_total_flops(), memory  # training ~ 3x the forward's FLOPs
 
     log(f"bench: {gpu or device}, torch {torch.__version__}, batch {B}, {cfg.img_size} px, amp {amp_dtype}, compile {compile_}"
         + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else ""))
-    vit = measure("ViT", build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path), cfg.vit)
-    cnn = measure("CNN", build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path).to(memory_format=torch.channels_last), cfg.cnn)
-    pair_rate = measure("pair", build_pair(cfg, num_classes), cfg.vit, pair=True)
-    log(f"pair overhead vs ViT + CNN alone: {100 * ((1 / pair_rate) / (1 / vit + 1 / cnn) - 1):+.1f}%")
+    models = {"ViT": prepare(build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path), cfg.vit),
+              "CNN": prepare(build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path)
+                             .to(memory_format=torch.channels_last), cfg.cnn),
+              "pair": prepare(build_pair(cfg, num_classes), cfg.vit, pair=True)}
     if cfg.vit == "vit_b_16" and cfg.cnn == "resnet50":
-        tv_vit = measure("torchvision ViT", torchvision.models.vit_b_16(num_classes=num_classes), "vit")
-        tv_cnn = measure("torchvision CNN", torchvision.models.resnet50(num_classes=num_classes).to(memory_format=torch.channels_last), "resnet")
-        log(f"time ratio ours / torchvision: ViT {tv_vit / vit:.3f} (ours with drop-path {cfg.drop_path}, theirs none), "
-            f"ResNet {tv_cnn / cnn:.3f}")
+        models["torchvision ViT"] = prepare(torchvision.models.vit_b_16(num_classes=num_classes), "vit")
+        models["torchvision CNN"] = prepare(torchvision.models.resnet50(num_classes=num_classes)
+                                            .to(memory_format=torch.channels_last), "resnet")
+    # every model steps once per round, in turn: a drift of the machine's speed hits all of them alike
+    seconds = {name: [] for name in models}
+    for _ in range(5):
+        for name, (step, *_) in models.items():
+            seconds[name] += timed(step, device, repeats=1)
+    for name, (step, first, flops, memory) in models.items():
+        rates = [B / s for s in seconds[name]]
+        median = statistics.median(rates)
+        line = (f"{name:>16}: {median:8.4g} img/s, {1000 * B / median:.0f} ms/step (spread {min(rates):.4g}-{max(rates):.4g}), "
+                f"first step {first:.2f} s{' incl. compile' if compile_ else ''}, {flops / 1e9:.3g} GFLOP/img")
+        if cuda:
+            line += f", peak mem {memory / 2**30:.1f} GiB" + (f", MFU {100 * median * flops / peak:.1f}%" if peak else "")
+        log(line)
+
+    def time_ratio(name, others):  # median over rounds of its time over the others' summed, all from one round
+        return statistics.median(seconds[name][r] / sum(seconds[o][r] for o in others) for r in range(len(seconds[name])))
+    log(f"pair overhead vs ViT + CNN alone: {100 * (time_ratio('pair', ['ViT', 'CNN']) - 1):+.1f}%")
+    if "torchvision ViT" in models:
+        log(f"time ratio ours / torchvision: ViT {time_ratio('ViT', ['torchvision ViT']):.3f} (ours with drop-path "
+            f"{cfg.drop_path}, theirs none), ResNet {time_ratio('CNN', ['torchvision CNN']):.3f}")
     if train_loader is not None:  # the input pipeline alone, after the workers have started
         it = iter(train_loader)
         for _ in range(min(cfg.workers + 1, len(train_loader) - 1)):
@@ -1128,7 +1141,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
         for images, *_ in itertools.islice(it, 30):
             seen += len(images)
         log(f"input pipeline: {seen / (time.perf_counter() - t0):.1f} img/s decoded and augmented with {cfg.workers} workers "
-            f"(the pair step needs {pair_rate:.1f})")
+            f"(the pair step needs {B / statistics.median(seconds['pair']):.1f})")
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -1193,7 +1206,8 @@ def run(cfg):
     start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
     best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
     # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
-    ema = copy.deepcopy(pair).requires_grad_(False) if ("ema" in ckpt if cfg.eval_only else cfg.ema) else None
+    with_ema = "ema" in ckpt if cfg.eval_only else cfg.ema > 0  # eval-only: whatever the checkpoint holds
+    ema = copy.deepcopy(pair).requires_grad_(False) if with_ema else None
     if ema is not None:
         parts["ema"] = ema
         if "ema" in ckpt:
