@@ -948,7 +948,9 @@ def text_chart(history, stages, epochs, height=10):
 
 
 def fmt_time(seconds):
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 # A launched optimizer step: where it was, and `read`, which waits for its flags on the host.
@@ -1246,6 +1248,9 @@ def run(cfg):
     progress = Progress(cfg, world, steps_per_epoch, len(train_set), ckpt_path, log, cuda, scaler if fp16 else None)
     first_step, stopped = step, None
 
+    def stage_and_weight(step):  # the stage and the partner loss's weight a at an optimizer step
+        return stage_at(step / total_steps, (s1, s2)), pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
+
     def checkpoint(epoch, step_in_epoch):
         meta = {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "config": asdict(cfg),
                 "num_classes": num_classes, "rng": rng_state(world), "global_batch": global_batch, "world": world}
@@ -1257,8 +1262,7 @@ def run(cfg):
         progress.start_epoch()
         t_epoch = t_data = time.perf_counter()
         in_flight, bad_since_step = None, 0
-        # stage and a here too: a resumed epoch may have no step left
-        stage, a = stage_at(step / total_steps, (s1, s2)), pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
+        stage, a = stage_and_weight(step)  # here too: a resumed epoch may have no step left
         batches = itertools.islice(train_loader, (steps_per_epoch - step_in_epoch) * cfg.accum_steps)
         for micro, (images, targets, bad) in enumerate(batches):  # whole optimizer steps only
             progress.data_time += time.perf_counter() - t_data
@@ -1269,8 +1273,7 @@ def run(cfg):
                     torch.default_generator.manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + micro % cfg.accum_steps) * 1031 + rank)
                     images, targets = mix(images, targets)
             last_micro = (micro + 1) % cfg.accum_steps == 0
-            stage = stage_at(step / total_steps, (s1, s2))
-            a = pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
+            stage, a = stage_and_weight(step)
             with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
                 terms = train_step(model, criterion, images, targets, a, amp_dtype, scaler, 1 / cfg.accum_steps)
             micro_terms = torch.stack(list(terms.values())) / cfg.accum_steps  # summed: the mean over micro-steps
