@@ -499,6 +499,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
     os.rename(d / "mismatch" / "val" / "bee", d / "mismatch" / "val" / "wasp")
     other = d / "other"
     shutil.copytree(reference_run[0], other)
+    (d / "foreign").mkdir()
+    torch.save({"weight": torch.zeros(1)}, d / "foreign" / "last.pt")  # a readable file, but no vpl checkpoint
     cases = {
         "missing path": ["--data", str(d / "nowhere")],
         "no val split": ["--data", str(d / "no_val")],
@@ -515,6 +517,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "resume without checkpoint": ["--resume", "--out", str(d / "empty")],
         "resume other models": [*TINY, "--resume", "--out", str(other), "--cnn", "vit_tiny"],
         "resume another global batch": [*TINY, "--resume", "--out", str(other), "--batch-size", "16"],
+        "resume a foreign checkpoint": [*TINY, "--resume", "--out", str(d / "foreign")],
         "drop-path of 1": ["--drop-path", "1"],
         "fresh run over a checkpoint": [*TINY, "--out", str(other)],
         "init from a file that is no checkpoint": ["--init-vit", VPL],

@@ -908,6 +908,9 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
     """Loads every part that the checkpoint holds, after checking that it was made by the same setup,
     and (to train on) this rank's RNG state; returns the checkpoint."""
     ckpt = load_checkpoint(path)
+    missing = [key for key in [*parts, "config", "num_classes", "rng", "step"] if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a vpl checkpoint")
     made, now = {**ckpt["config"], "classes": ckpt["num_classes"]}, {**asdict(cfg), "classes": num_classes}
     for key in ("vit", "cnn", "img_size", "classes"):
         if made[key] != now[key]:
@@ -916,8 +919,7 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
         raise UserError(f"{path} was made with global batch {ckpt['global_batch']} on {ckpt['world']} processes; "
                         f"resume with the same (now {global_batch} on {world})")
     for name, part in parts.items():
-        if name in ckpt:
-            part.load_state_dict(ckpt[name])
+        part.load_state_dict(ckpt[name])
     if not cfg.eval_only:  # evaluation may run on any number of processes
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if torch.cuda.is_available() and torch.cuda.is_initialized() and "cuda" in ckpt["rng"][rank]:
@@ -961,8 +963,8 @@ class Progress:
     """The training loop's bookkeeping, fed each step's flags a step late (the GPU never waits for it):
     mean loss terms, non-finite steps in a row, unreadable images, img/s; prints the progress line."""
 
-    def __init__(self, cfg, world, steps_per_epoch, train_size, ckpt_path, log, cuda, scaler=None):
-        self.cfg, self.world, self.steps_per_epoch, self.train_size = cfg, world, steps_per_epoch, train_size
+    def __init__(self, cfg, rank, world, steps_per_epoch, train_size, ckpt_path, log, cuda, scaler=None):
+        self.cfg, self.rank, self.world, self.steps_per_epoch, self.train_size = cfg, rank, world, steps_per_epoch, train_size
         self.ckpt_path, self.log, self.cuda, self.scaler = ckpt_path, log, cuda, scaler
         self.total_steps, self.global_batch = cfg.epochs * steps_per_epoch, cfg.batch_size * world * cfg.accum_steps
         self.names, self.bad_steps = [], 0
@@ -989,7 +991,8 @@ class Progress:
         else:
             self.sums = [s + v for s, v in zip(self.sums, values)] if self.sums else values
             self.finite_steps += 1
-            if not quiet and ((flight.step + 1) % cfg.log_every == 0 or flight.step_in_epoch == self.steps_per_epoch):
+            if self.rank == 0 and not quiet and ((flight.step + 1) % cfg.log_every == 0
+                                                 or flight.step_in_epoch == self.steps_per_epoch):
                 self.print_line(flight, values)
         if self.bad_steps >= cfg.max_bad_steps:
             self.log(f"vpl: error: {self.bad_steps} non-finite steps in a row (last in {', '.join(nonfinite)}); "
@@ -1153,9 +1156,6 @@ def main(argv=None):
     except UserError as e:
         print(f"vpl: error: {e}", file=sys.stderr)
         sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def run(cfg):
@@ -1229,6 +1229,8 @@ def run(cfg):
     if cfg.eval_only:
         result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
         log(json.dumps(result))
+        if world > 1:
+            dist.destroy_process_group()
         return result
 
     s1, s2 = parse_stages(cfg.stages)
@@ -1245,7 +1247,7 @@ def run(cfg):
     stop_signal = threading.Event()  # SIGTERM/SIGINT: finish the step, save, exit
     old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     os.makedirs(cfg.out, exist_ok=True)
-    progress = Progress(cfg, world, steps_per_epoch, len(train_set), ckpt_path, log, cuda, scaler if fp16 else None)
+    progress = Progress(cfg, rank, world, steps_per_epoch, len(train_set), ckpt_path, log, cuda, scaler if fp16 else None)
     first_step, stopped = step, None
 
     def stage_and_weight(step):  # the stage and the partner loss's weight a at an optimizer step
@@ -1347,6 +1349,8 @@ def run(cfg):
         log(f"best val top-1: ViT {best['vit']:.2f}, CNN {best['cnn']:.2f}; weights in {cfg.out}/vit.pt, cnn.pt")
     for sig, handler in old_handlers.items():
         signal.signal(sig, handler)
+    if world > 1:  # every rank gets here together; after a crash on one rank, torchrun ends the others
+        dist.destroy_process_group()
     if stopped in ("nonfinite", "bad_images"):
         sys.exit(3)
     return history
