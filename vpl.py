@@ -4,7 +4,9 @@ A ViT-B/16 and a ResNet-50 train side by side on the same batches. A pair learni
 branch learn from its partner during the middle stage of training, so that both end better than alone.
 Everything is written here from scratch: both branches, the pair loss, the staged schedule, the
 input pipeline, DDP and a CUDA fast path. Beyond the paper's abstract the method is our
-reconstruction (README, "The method"); every choice is a flag.
+reconstruction (README, "The method"); every choice is a flag. Measured (README): the CPU demo ends at
+ViT 90.9% / CNN 87.8% val top-1 in 2m24s on 2 cores, where over 3 seeds pairing did not beat training
+alone; on one H100 the compiled bf16 ViT-B/16 + ResNet-50 pair step runs at 1,605-1,774 img/s.
 
     python vpl.py                                          # CPU demo: tiny branches, built-in data
     torchrun --nproc_per_node=8 vpl.py --data /imagenet    # the real job: ViT-B/16 + ResNet-50
@@ -1122,6 +1124,8 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
     seconds = {name: [] for name in models}
     for _ in range(5):
         for name, (step, *_) in models.items():
+            if cuda:  # untimed: should the models' cached memory not fit together, the allocator frees it here
+                step()
             seconds[name] += timed(step, device, repeats=1)
     for name, (step, first, flops, memory) in models.items():
         rates = [B / s for s in seconds[name]]
