@@ -519,6 +519,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "resume another global batch": [*TINY, "--resume", "--out", str(other), "--batch-size", "16"],
         "resume a foreign checkpoint": [*TINY, "--resume", "--out", str(d / "foreign")],
         "drop-path of 1": ["--drop-path", "1"],
+        "negative lr": ["--lr-vit", "-1"],
+        "unknown device": ["--device", "tpu"],
         "fresh run over a checkpoint": [*TINY, "--out", str(other)],
         "init from a file that is no checkpoint": ["--init-vit", VPL],
         "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],

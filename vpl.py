@@ -1,7 +1,8 @@
 """vpl.py - Vision Pair Learning (VPL, arXiv 2112.00965) in one file.
 
 A ViT-B/16 and a ResNet-50 train side by side on the same batches. A pair learning module lets each
-branch learn from its partner during the middle stage of training, so that both end better than alone.
+branch learn from its partner during the middle stage of training, so that both end better than alone
+(the paper's claim).
 Everything is written here from scratch: both branches, the pair loss, the staged schedule, the
 input pipeline, DDP and a CUDA fast path. Beyond the paper's abstract the method is our
 reconstruction (README, "The method"); every choice is a flag. Measured (README): the CPU demo ends at
@@ -141,9 +142,12 @@ def check_config(cfg):
     for name in ("batch_size", "accum_steps", "epochs", "log_every", "img_size", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "workers", "warmup_epochs", "clip_grad", "mixup", "cutmix", "randaug", "demo_val"):
+    for name in ("max_steps", "workers", "warmup_epochs", "clip_grad", "mixup", "cutmix", "randaug", "demo_val",
+                 "lr_vit", "lr_cnn", "min_lr_vit", "wd_vit", "wd_cnn"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     if not 0 <= cfg.ema < 1 or not 0 <= cfg.reprob <= 1 or not 0 <= cfg.label_smoothing < 1 or not 0 <= cfg.drop_path < 1:
         raise UserError("--ema, --label-smoothing and --drop-path must be in [0, 1), --reprob in [0, 1]")
     patch = max(4 if "tiny" in arch else 16 for arch in (cfg.vit, cfg.cnn) if arch.startswith("vit"))
@@ -986,6 +990,7 @@ class Progress:
         cfg, flags = self.cfg, flight.read()
         values, self.bad_images = [v / self.world for v in flags[:-2]], self.bad_images + int(flags[-2])
         nonfinite = [k for k, v in zip(self.names, values) if not math.isfinite(v)]
+        nonfinite = [k for k in nonfinite if k != "total"] or nonfinite  # name the terms, not their sum
         self.bad_steps = self.bad_steps + 1 if nonfinite else 0
         if nonfinite:
             self.log(f"vpl: warning: non-finite loss at step {flight.step} in {', '.join(nonfinite)}: its gradients "
