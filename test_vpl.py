@@ -263,6 +263,26 @@ def test_stage_and_weight_at_exact_points():
         assert vpl.pair_weight_at(progress, stages, w, ramp) == pytest.approx(weight), progress
 
 
+def test_the_pair_overfits_one_batch():
+    # the smoke check of every trainer: with both optimizers, the scaler and the pair loss wired as in
+    # training, 80 steps on one batch of 32 must drive every loss term to ~0 and memorize every label
+    torch.manual_seed(0)
+    cfg = vpl.Config(drop_path=0.0)
+    pair = vpl.build_pair(cfg, 10)
+    optimizers = [optimizer for optimizer, _, _ in vpl.build_optimizers(cfg, pair, 512, False)]
+    scaler = vpl.make_scaler(torch.device("cpu"), None)
+    images, labels = vpl.make_demo(32, seed=3)
+    images = (images.float() / 255 - 0.5) / 0.25
+    for _ in range(80):
+        terms = vpl.train_step(pair, vpl.PairLoss(), images, labels, 0.2, None, scaler)
+        vpl.apply_step(optimizers, scaler, 0.0, False)
+    assert all(value < 0.02 for value in terms.values()), terms
+    with torch.no_grad():
+        out = pair.eval()(images)
+    for name in ("vit", "cnn", "pair"):
+        assert torch.equal(out[name].argmax(1), labels), name
+
+
 def test_pair_weight_zero_gives_plain_cross_entropy():
     out = {k: torch.randn(4, 10) for k in ("vit", "cnn", "pair")}
     target = torch.randint(10, (4,))
