@@ -125,11 +125,11 @@ def parse_config(argv=None):
     """Flags from Config's fields; the preset fills what the command line leaves out."""
     parser = OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for f in fields(Config):
-        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        option, meta = "--" + f.name.replace("_", "-"), f.metadata
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=meta["help"])
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, help=meta["help"])
         else:
-            parser.add_argument(flag, type=type(f.default), choices=meta["choices"], help=meta["help"])
+            parser.add_argument(option, type=type(f.default), choices=meta["choices"], help=meta["help"])
     given = vars(parser.parse_args(argv))
     preset = given.get("preset") or ("demo" if given.get("data", "demo") in DATASETS else "imagenet")
     cfg = Config(**{**asdict(Config()), **PRESETS[preset], **given, "preset": preset})
@@ -821,12 +821,12 @@ def evaluate_pair(model, ema, loader, device, amp_dtype, world):
 
 def save_atomic(obj, path):
     """Writes to a temp file, fsyncs, then renames: a crash at any moment leaves the old file whole."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    partial = f"{path}.tmp{os.getpid()}"
+    with open(partial, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(partial, path)
 
 
 def rng_state(world):
