@@ -914,7 +914,7 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
     """Loads every part that the checkpoint holds, after checking that it was made by the same setup,
     and (to train on) this rank's RNG state; returns the checkpoint."""
     ckpt = load_checkpoint(path)
-    missing = [key for key in [*parts, "config", "num_classes", "rng", "step"] if key not in ckpt]
+    missing = [key for key in [*parts, "config", "num_classes", "global_batch", "world", "rng"] if key not in ckpt]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a vpl checkpoint")
     made, now = {**ckpt["config"], "classes": ckpt["num_classes"]}, {**asdict(cfg), "classes": num_classes}
