@@ -970,8 +970,8 @@ class Progress:
     mean loss terms, non-finite steps in a row, unreadable images, img/s; prints the progress line."""
 
     def __init__(self, cfg, rank, world, steps_per_epoch, train_size, ckpt_path, log, cuda, scaler=None):
-        self.cfg, self.rank, self.world, self.steps_per_epoch, self.train_size = cfg, rank, world, steps_per_epoch, train_size
-        self.ckpt_path, self.log, self.cuda, self.scaler = ckpt_path, log, cuda, scaler
+        self.cfg, self.rank, self.world, self.log, self.cuda, self.scaler = cfg, rank, world, log, cuda, scaler
+        self.steps_per_epoch, self.train_size, self.ckpt_path = steps_per_epoch, train_size, ckpt_path
         self.total_steps, self.global_batch = cfg.epochs * steps_per_epoch, cfg.batch_size * world * cfg.accum_steps
         self.names, self.bad_steps = [], 0
 
