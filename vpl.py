@@ -1050,25 +1050,21 @@ def choose_precision(cfg, device, log):
 PEAK_FLOPS = {"H100": (989e12, 495e12), "H200": (989e12, 495e12), "A100": (312e12, 156e12)}
 
 
-def timed(fn, device, repeats=5, inner=3):
-    """Seconds per call of fn, `repeats` samples of `inner` calls each: CUDA events
-    on the GPU and perf_counter around synchronized calls on the CPU."""
-    samples = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) / 1000 / inner)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t0) / inner)
-    return samples
+def timed(fn, device, calls=3):
+    """Seconds per call of fn, averaged over `calls` calls: CUDA events on the GPU (the work queued on it),
+    perf_counter on the CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - t0) / calls
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1000 / calls
 
 
 def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
@@ -1094,6 +1090,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
         resident = torch.cuda.memory_allocated() if cuda else 0  # the models prepared before this one
         model = model.to(device).train()
         schedules = build_optimizers(cfg, model, B, cuda) if pair else [build_optimizer(arch, [model], cfg, B, cuda)]
+        optimizers = [optimizer for optimizer, _, _ in schedules]
         step_model = torch.compile(model) if compile_ else model
         criterion, in_flight = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing), []
 
@@ -1105,11 +1102,11 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
                 with amp_context(device, amp_dtype):
                     loss = F.cross_entropy(step_model(images).float(), targets)
                 scaler.scale(loss).backward()
-            apply_step([optimizer for optimizer, _, _ in schedules], scaler, 0.0, fp16)
+            apply_step(optimizers, scaler, 0.0, fp16)
             if len(in_flight) > 1:
                 in_flight.pop(0)()
-        first = timed(step, device, repeats=1, inner=1)[0]  # compiles, if compiling
-        timed(step, device, repeats=1, inner=2)  # warm-up: allocator, cuDNN algorithm choice
+        first = timed(step, device, calls=1)  # compiles, if compiling
+        timed(step, device, calls=2)  # warm-up: allocator, cuDNN algorithm choice
         with FlopCounterMode(display=False) as counter:
             model(images[:1])
         memory = torch.cuda.max_memory_allocated() - resident if cuda else 0
@@ -1131,7 +1128,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
         for name, (step, *_) in models.items():
             if cuda:  # untimed: should the models' cached memory not fit together, the allocator frees it here
                 step()
-            seconds[name] += timed(step, device, repeats=1)
+            seconds[name].append(timed(step, device))
     for name, (step, first, flops, memory) in models.items():
         rates = [B / s for s in seconds[name]]
         median = statistics.median(rates)
