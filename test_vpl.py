@@ -256,11 +256,10 @@ def test_ema_update_matches_the_formula_for_weights_and_batchnorm_statistics():
 
 
 def test_stage_and_weight_at_exact_points():
-    stages, w, ramp = "0.1,0.8", 0.5, 0.05
+    schedule = vpl.PairSchedule("0.1,0.8", pair_weight=0.5, ramp=0.05)
     expected = [(0.0, 1, 0.0), (0.1, 2, 0.0), (0.125, 2, 0.25), (0.15, 2, 0.5), (0.5, 2, 0.5), (0.8, 3, 0.0), (1.0, 3, 0.0)]
     for progress, stage, weight in expected:
-        assert vpl.stage_at(progress, stages) == stage, progress
-        assert vpl.pair_weight_at(progress, stages, w, ramp) == pytest.approx(weight), progress
+        assert schedule(progress) == (stage, pytest.approx(weight)), progress
 
 
 def test_the_pair_overfits_one_batch():
@@ -297,21 +296,20 @@ def test_pair_weight_zero_gives_plain_cross_entropy():
 @pytest.mark.parametrize("progress", [0.0, 0.3, 0.9])
 def test_every_parameter_gets_a_gradient_in_every_stage(progress):
     pair = tiny_pair(drop_path=0.1)
-    a = vpl.pair_weight_at(progress, "0.1,0.8", 0.5, 0.05)
+    _, a = vpl.PairSchedule("0.1,0.8", 0.5, 0.05)(progress)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     vpl.train_step(pair, vpl.PairLoss(), torch.randn(8, 3, 32, 32), torch.randint(10, (8,)), a, None, scaler)
     missing = [n for n, p in pair.named_parameters() if p.grad is None]
     assert not missing  # so DDP never needs find_unused_parameters
 
 
-@pytest.mark.parametrize("option,kwargs", [
-    ("--pair-weight", dict(pair_weight=1.5)), ("--pair-temp", dict(temperature=0.0)),
-    ("--teacher", dict(teacher="nobody")), ("--stages", dict(stages="0.9,0.1")), ("--stages", dict(stages="half")),
-    ("--ramp", dict(ramp=-0.1))])
-def test_invalid_pair_options_raise_value_error_naming_the_option(option, kwargs):
-    args = {**dict(pair_weight=0.5, temperature=1.0, teacher="partner", stages="0.1,0.8", ramp=0.05), **kwargs}
+@pytest.mark.parametrize("option,make", [
+    ("--pair-weight", lambda: vpl.PairSchedule(pair_weight=1.5)), ("--pair-temp", lambda: vpl.PairLoss(temperature=0.0)),
+    ("--teacher", lambda: vpl.PairLoss(teacher="nobody")), ("--stages", lambda: vpl.PairSchedule("0.9,0.1")),
+    ("--stages", lambda: vpl.PairSchedule("half")), ("--ramp", lambda: vpl.PairSchedule(ramp=-0.1))])
+def test_invalid_pair_options_raise_value_error_naming_the_option(option, make):
     with pytest.raises(ValueError, match=option):
-        vpl.check_pair_options(**args)
+        make()
 
 
 # ---------------------------------------------------------------------------------- the program
@@ -639,7 +637,7 @@ def test_bench_prints_every_figure(capsys, tmp_path):
 
 def test_text_chart_marks_stages_and_both_branches():
     history = [{"val_vit_top1": 10.0 * e, "val_cnn_top1": 20.0 + 5 * e} for e in range(10)]
-    chart = vpl.text_chart(history, "0.2,0.8", 10, height=5).splitlines()
+    chart = vpl.text_chart(history, (0.2, 0.8), 10, height=5).splitlines()
     assert chart[0].strip().startswith("90.0") and chart[4].strip().startswith("0.0")
     assert chart[0].endswith("v")          # ViT at the top in the last epoch
     assert chart[4].split()[1][0] == "v"   # ... and at the bottom in the first

@@ -156,7 +156,7 @@ def check_config(cfg):
     if cfg.data.startswith("cifar") and cfg.img_size != 32:
         raise UserError(f"--data {cfg.data} holds 32 px images: use --img-size 32 (the demo preset)")
     try:
-        check_pair_options(cfg.pair_weight, cfg.pair_temp, cfg.teacher, cfg.stages, cfg.ramp)
+        PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp), PairLoss(cfg.pair_temp, cfg.teacher)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -447,6 +447,10 @@ class PairLoss(nn.Module):
 
     def __init__(self, temperature=1.0, teacher="partner", label_smoothing=0.0):
         super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"--pair-temp must be > 0, got {temperature}")
+        if teacher not in ("partner", "pair"):
+            raise ValueError(f"--teacher must be 'partner' or 'pair', got {teacher!r}")
         self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
 
     def forward(self, out, target, pair_weight):
@@ -463,42 +467,28 @@ class PairLoss(nn.Module):
         return total, terms
 
 
-def parse_stages(stages):
-    """'S1,S2' -> (S1, S2), checked: 0 <= S1 <= S2 <= 1."""
-    try:
-        s1, s2 = (float(s) for s in stages.split(","))
-    except ValueError:
-        raise ValueError(f"--stages must be two fractions 'S1,S2', got {stages!r}") from None
-    if not 0 <= s1 <= s2 <= 1:
-        raise ValueError(f"--stages must satisfy 0 <= S1 <= S2 <= 1, got {stages!r}")
-    return s1, s2
+class PairSchedule:
+    """The three stages as fractions of training, 'S1,S2': 1 warm-up [0, S1), 2 pair [S1, S2), 3 solo
+    [S2, 1]. Called with the progress in [0, 1], gives (stage, a): a is 0 outside stage 2 and ramps
+    linearly to `pair_weight` over the first `ramp` of training in it."""
 
+    def __init__(self, stages="0.1,0.8", pair_weight=0.2, ramp=0.05):
+        try:
+            self.s1, self.s2 = (float(s) for s in stages.split(","))
+        except ValueError:
+            raise ValueError(f"--stages must be two fractions 'S1,S2', got {stages!r}") from None
+        if not 0 <= self.s1 <= self.s2 <= 1:
+            raise ValueError(f"--stages must satisfy 0 <= S1 <= S2 <= 1, got {stages!r}")
+        if not 0 <= pair_weight <= 1:
+            raise ValueError(f"--pair-weight must be in [0, 1], got {pair_weight}")
+        if not 0 <= ramp <= 1:
+            raise ValueError(f"--ramp must be in [0, 1], got {ramp}")
+        self.pair_weight, self.ramp = pair_weight, ramp
 
-def check_pair_options(pair_weight, temperature, teacher, stages, ramp):
-    """Raises ValueError naming the first invalid pair-learning option."""
-    if not 0 <= pair_weight <= 1:
-        raise ValueError(f"--pair-weight must be in [0, 1], got {pair_weight}")
-    if not temperature > 0:
-        raise ValueError(f"--pair-temp must be > 0, got {temperature}")
-    if teacher not in ("partner", "pair"):
-        raise ValueError(f"--teacher must be 'partner' or 'pair', got {teacher!r}")
-    if not 0 <= ramp <= 1:
-        raise ValueError(f"--ramp must be in [0, 1], got {ramp}")
-    parse_stages(stages)
-
-
-def stage_at(progress, stages):
-    """Stage at a training progress in [0, 1]: 1 warm-up (each alone), 2 pair, 3 solo."""
-    s1, s2 = parse_stages(stages) if isinstance(stages, str) else stages
-    return 1 if progress < s1 else 2 if progress < s2 else 3
-
-
-def pair_weight_at(progress, stages, pair_weight, ramp):
-    """The weight a of the partner loss: 0 outside stage 2, ramped linearly over `ramp` from S1."""
-    s1 = parse_stages(stages)[0] if isinstance(stages, str) else stages[0]
-    if stage_at(progress, stages) != 2:
-        return 0.0
-    return pair_weight * (min(1.0, (progress - s1) / ramp) if ramp > 0 else 1.0)
+    def __call__(self, progress):
+        if progress < self.s1 or progress >= self.s2:
+            return (1 if progress < self.s1 else 3), 0.0
+        return 2, self.pair_weight * (min(1.0, (progress - self.s1) / self.ramp) if self.ramp > 0 else 1.0)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -933,7 +923,7 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
     return ckpt
 
 
-def text_chart(history, stages, epochs, height=10):
+def text_chart(history, stage_bounds, epochs, height=10):
     """A text chart of both branches' val top-1 per epoch ('v' ViT, 'c' CNN, '*' both), stage
     boundaries marked with '|'."""
     if not history:
@@ -942,7 +932,7 @@ def text_chart(history, stages, epochs, height=10):
     hi = max(max(h["val_vit_top1"], h["val_cnn_top1"]) for h in history)
     span = max(hi - lo, 1e-9)
     row = lambda acc: round((acc - lo) / span * (height - 1))  # noqa: E731
-    bounds = {round(s * epochs) for s in parse_stages(stages)} - {0, epochs}
+    bounds = {round(s * epochs) for s in stage_bounds} - {0, epochs}
     lines = []
     for r in range(height - 1, -1, -1):
         cells = []
@@ -1204,6 +1194,7 @@ def run(cfg):
         pair.cnn = nn.SyncBatchNorm.convert_sync_batchnorm(pair.cnn)
     pair.to(device)
     criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
+    pair_schedule = PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp)  # the stage and a at each optimizer step
     schedules = build_optimizers(cfg, pair, global_batch, cuda)
     (opt_vit, peak_vit, _), (opt_cnn, peak_cnn, _) = schedules
     scaler, fp16 = make_scaler(device, amp_dtype), amp_dtype == torch.float16
@@ -1239,7 +1230,7 @@ def run(cfg):
             dist.destroy_process_group()
         return result
 
-    s1, s2 = parse_stages(cfg.stages)
+    s1, s2 = pair_schedule.s1, pair_schedule.s2
     log(json.dumps(asdict(cfg)))
     log(f"processes {world}, batch {cfg.batch_size} per process x {cfg.accum_steps} accumulation = global batch "
         f"{global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps; amp {amp_dtype}, compile {compile_}, "
@@ -1256,9 +1247,6 @@ def run(cfg):
     progress = Progress(cfg, rank, world, steps_per_epoch, len(train_set), ckpt_path, log, cuda, scaler if fp16 else None)
     first_step, stopped = step, None
 
-    def stage_and_weight(step):  # the stage and the partner loss's weight a at an optimizer step
-        return stage_at(step / total_steps, (s1, s2)), pair_weight_at(step / total_steps, (s1, s2), cfg.pair_weight, cfg.ramp)
-
     def checkpoint(epoch, step_in_epoch):
         meta = {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "config": asdict(cfg),
                 "num_classes": num_classes, "rng": rng_state(world), "global_batch": global_batch, "world": world}
@@ -1270,7 +1258,7 @@ def run(cfg):
         progress.start_epoch()
         t_epoch = t_data = time.perf_counter()
         in_flight, bad_since_step = None, 0
-        stage, a = stage_and_weight(step)  # here too: a resumed epoch may have no step left
+        stage, a = pair_schedule(step / total_steps)  # here too: a resumed epoch may have no step left
         batches = itertools.islice(train_loader, (steps_per_epoch - step_in_epoch) * cfg.accum_steps)
         for micro, (images, targets, bad) in enumerate(batches):  # whole optimizer steps only
             progress.data_time += time.perf_counter() - t_data
@@ -1281,7 +1269,7 @@ def run(cfg):
                     torch.default_generator.manual_seed(((cfg.seed * 1_000_003 + step) * 1009 + micro % cfg.accum_steps) * 1031 + rank)
                     images, targets = mix(images, targets)
             last_micro = (micro + 1) % cfg.accum_steps == 0
-            stage, a = stage_and_weight(step)
+            stage, a = pair_schedule(step / total_steps)
             with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
                 terms = train_step(model, criterion, images, targets, a, amp_dtype, scaler, 1 / cfg.accum_steps)
             micro_terms = torch.stack(list(terms.values())) / cfg.accum_steps  # summed: the mean over micro-steps
@@ -1351,7 +1339,7 @@ def run(cfg):
         if ema is not None and main_rank:
             for branch in ("vit", "cnn"):
                 save_atomic(getattr(ema, branch).state_dict(), os.path.join(cfg.out, f"{branch}_ema.pt"))
-        log(text_chart(history, cfg.stages, cfg.epochs))
+        log(text_chart(history, (s1, s2), cfg.epochs))
         log(f"best val top-1: ViT {best['vit']:.2f}, CNN {best['cnn']:.2f}; weights in {cfg.out}/vit.pt, cnn.pt")
     for sig, handler in old_handlers.items():
         signal.signal(sig, handler)
