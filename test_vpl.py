@@ -334,20 +334,33 @@ def test_run_logs_every_field_and_draws_the_chart(reference_run):
         assert os.path.exists(os.path.join(out, name))
 
 
-def test_resume_after_a_stop_is_bit_identical(reference_run, tmp_path):
+def test_resume_after_a_stop_is_bit_identical_and_skips_a_torn_log_line(reference_run, tmp_path):
     out = str(tmp_path)
     first = run_vpl(*TINY, "--out", out, "--max-steps", "7")
     assert "stopped at step 7" in first.stdout
+    with open(os.path.join(out, "log.jsonl"), "a") as f:
+        f.write('{"epoch": 0, "val_vi')  # a line torn by a crash
     run_vpl(*TINY, "--out", out, "--resume")
     assert_same_weights(model_state(out), model_state(reference_run[0]))
     assert [h["epoch"] for h in read_log(out)] == [0, 1]
 
 
+def test_resume_with_another_amp_starts_the_grad_scaler_afresh(reference_run, tmp_path):
+    # fp32's (and bf16's) scaler holds scale 1: loaded into an fp16 run, small fp16 gradients would flush to zero
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], out)  # made with --amp off
+    resumed = run_vpl(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "26", "--amp", "fp16")
+    assert "GradScaler starts afresh" in resumed.stdout
+    ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert ckpt["step"] == 26 and ckpt["amp"] == "torch.float16" and ckpt["scaler"]["scale"] >= 2.0 ** 10
+
+
 def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_path):
     # 384 images in micro-batches of 20: 19 per epoch, 9 optimizer steps and one leftover micro-batch;
     # the stop falls exactly on the end of the first epoch
+    # stage 2 starts with the second epoch: the resumed epoch, with no step left, must log the first one's stage
     options = [*TINY, "--batch-size", "20", "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.8", "--cutmix", "1.0",
-               "--clip-grad", "1.0", "--amp", "fp16", "--randaug", "9", "--reprob", "0.25"]
+               "--clip-grad", "1.0", "--amp", "fp16", "--randaug", "9", "--reprob", "0.25", "--stages", "0.5,0.75"]
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     run_vpl(*options, "--out", whole)
     run_vpl(*options, "--out", parts, "--max-steps", "9")
@@ -355,6 +368,10 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
     a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (whole, parts))
     for key in ("model", "ema", "scaler", "opt_vit", "opt_cnn", "step", "best"):
         assert_same(a[key], b[key], key)
+    for x, y in zip(read_log(whole), read_log(parts), strict=True):
+        assert {k: v for k, v in x.items() if "val" in k or k in ("epoch", "stage", "pair_weight")} == \
+               {k: v for k, v in y.items() if "val" in k or k in ("epoch", "stage", "pair_weight")}
+    assert [h["stage"] for h in read_log(whole)] == [1, 3]
     log = read_log(whole)
     assert "ema_val_vit_top1" in log[-1] and os.path.exists(os.path.join(whole, "vit_ema.pt"))
     # --eval-only evaluates the checkpoint's EMA too, without being told
@@ -447,6 +464,15 @@ def test_torchrun_two_processes_count_each_val_image_once(tmp_path):
     single = json.loads(run_vpl(*args, "--eval-only").stdout.strip().splitlines()[-1])
     for key, value in single.items():
         assert value == pytest.approx(log[0][key], abs=1e-9), key
+
+
+@pytest.mark.parametrize("capability,dtype", [((7, 0), torch.float16), ((8, 0), torch.bfloat16)])
+def test_gpus_without_bf16_units_fall_back_to_fp16(monkeypatch, capability, dtype):
+    # a V100 (7.0) has no bf16 units (is_bf16_supported() still says yes: emulation); an A100 (8.0) has
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    said = []
+    amp_dtype, _ = vpl.choose_precision(vpl.Config(), torch.device("cuda"), said.append)
+    assert amp_dtype == dtype and (("no bf16" in " ".join(said)) == (dtype == torch.float16))
 
 
 def test_compile_and_bf16_steps_run_and_lower_the_loss():
@@ -588,6 +614,36 @@ def test_sigterm_saves_and_resume_is_bit_identical(reference_run, tmp_path):
     assert "stopped at step" in rest and "(signal)" in rest
     run_vpl(*TINY, "--out", out, "--resume")  # with 0 workers: augmentation does not depend on them
     assert_same_weights(model_state(out), model_state(reference_run[0]))
+
+
+SIGNAL_ON_CALL = """
+import os, signal, sys, vpl
+def signal_on_call(name, n):  # vpl.<name> sends this process SIGTERM at its n-th call
+    fn, calls = getattr(vpl, name), []
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fn(*args, **kwargs)
+    setattr(vpl, name, wrapped)
+signal_on_call(sys.argv[1], int(sys.argv[2]))
+vpl.main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("function,call", [("apply_step", 12), ("evaluate", 1)])
+def test_sigterm_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(reference_run, tmp_path, function, call):
+    # at the first epoch's last step (12), after its stop request has left with its flags, or during the
+    # evaluation after it: the run saves and stops before the evaluation or right after it, not 2 steps on
+    out = str(tmp_path)
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, function, str(call), *TINY, "--out", out],
+                             capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped at step 12 (signal)" in stopped.stdout
+    run_vpl(*TINY, "--out", out, "--resume")
+    assert_same_weights(model_state(out), model_state(reference_run[0]))
+    val = [{k: v for k, v in h.items() if k.startswith("val_")} for h in read_log(out)]
+    assert val == [{k: v for k, v in h.items() if k.startswith("val_")} for h in read_log(reference_run[0])]
 
 
 def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(reference_run, tmp_path):

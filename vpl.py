@@ -900,9 +900,9 @@ def save_checkpoint(path, parts, meta, rank, world):
         dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
 
 
-def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
+def resume_from(path, cfg, parts, num_classes, global_batch, world, rank, amp):
     """Loads every part that the checkpoint holds, after checking that it was made by the same setup,
-    and (to train on) this rank's RNG state; returns the checkpoint."""
+    and (to train on) this rank's RNG state; returns the checkpoint. `amp`: this run's autocast dtype."""
     ckpt = load_checkpoint(path)
     missing = [key for key in [*parts, "config", "num_classes", "global_batch", "world", "rng"] if key not in ckpt]
     if missing:
@@ -915,7 +915,8 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
         raise UserError(f"{path} was made with global batch {ckpt['global_batch']} on {ckpt['world']} processes; "
                         f"resume with the same (now {global_batch} on {world})")
     for name, part in parts.items():
-        part.load_state_dict(ckpt[name])
+        if name != "scaler" or ckpt.get("amp", amp) == amp:  # bf16's loss scale, 1, would underflow fp16's gradients
+            part.load_state_dict(ckpt[name])
     if not cfg.eval_only:  # evaluation may run on any number of processes
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if torch.cuda.is_available() and torch.cuda.is_initialized() and "cuda" in ckpt["rng"][rank]:
@@ -943,6 +944,14 @@ def text_chart(history, stage_bounds, epochs, height=10):
         lines.append(f"{lo + span * r / (height - 1):6.1f} " + "".join(cells))
     return "\n".join(lines + ["       " + "".join(("|" if e in bounds else "") + str(e % 10) for e in range(len(history))),
                               "       epoch (last digit); v ViT, c CNN, * both; | stage boundary"])
+
+
+def parse_json(line):
+    """One line of log.jsonl, or None if a crash tore it."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def fmt_time(seconds):
@@ -1025,7 +1034,7 @@ def choose_precision(cfg, device, log):
     """(amp dtype or None, whether to compile), with safe fallbacks for what the device cannot do."""
     cuda = device.type == "cuda"
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else "off")
-    if amp == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    if amp == "bf16" and cuda and torch.cuda.get_device_capability(device) < (8, 0):  # bf16 units: Ampere on
         log("vpl: warning: this GPU has no bf16; using --amp fp16 with a GradScaler")
         amp = "fp16"
     compile_ = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
@@ -1201,7 +1210,7 @@ def run(cfg):
     parts = {"model": pair, "opt_vit": opt_vit, "opt_cnn": opt_cnn, "scaler": scaler}  # what a checkpoint holds
 
     # STAGE 4: resume, the EMA, compile ----------------------------------------------------------------
-    ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank) if resume else {}
+    ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank, str(amp_dtype)) if resume else {}
     start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
     best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
     # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
@@ -1218,11 +1227,12 @@ def run(cfg):
     history, log_path = [], os.path.join(cfg.out, "log.jsonl")
     if resume and main_rank and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
         with open(log_path) as f:
-            history = [h for h in map(json.loads, f) if h["epoch"] < start_epoch]
+            history = [h for h in map(parse_json, f) if h and h["epoch"] < start_epoch]
         with open(log_path, "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
     if resume:
-        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}"
+            + (f"; made with amp {ckpt['amp']}: the GradScaler starts afresh" if ckpt.get("amp", str(amp_dtype)) != str(amp_dtype) else ""))
     if cfg.eval_only:
         result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
         log(json.dumps(result))
@@ -1249,8 +1259,17 @@ def run(cfg):
 
     def checkpoint(epoch, step_in_epoch):
         meta = {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "config": asdict(cfg),
-                "num_classes": num_classes, "rng": rng_state(world), "global_batch": global_batch, "world": world}
+                "num_classes": num_classes, "rng": rng_state(world), "global_batch": global_batch, "world": world,
+                "amp": str(amp_dtype)}
         save_checkpoint(ckpt_path, parts, meta, rank, world)
+
+    def save_and_stop(reason, epoch, step_in_epoch):
+        checkpoint(epoch, step_in_epoch)
+        log(f"stopped at step {step} ({reason}); saved {ckpt_path}; continue with --resume")
+        return reason
+
+    def stop_requested():  # at an epoch's end: did any rank get a signal? All agree, by one all-reduce
+        return all_sum(torch.tensor(float(stop_signal.is_set()), device=device), world).item() > 0
 
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
@@ -1258,7 +1277,7 @@ def run(cfg):
         progress.start_epoch()
         t_epoch = t_data = time.perf_counter()
         in_flight, bad_since_step = None, 0
-        stage, a = pair_schedule(step / total_steps)  # here too: a resumed epoch may have no step left
+        stage, a = pair_schedule((step - 1) / total_steps)  # the last step's, should a resumed epoch have none left
         batches = itertools.islice(train_loader, (steps_per_epoch - step_in_epoch) * cfg.accum_steps)
         for micro, (images, targets, bad) in enumerate(batches):  # whole optimizer steps only
             progress.data_time += time.perf_counter() - t_data
@@ -1307,11 +1326,14 @@ def run(cfg):
                 if not stopped and cfg.max_steps and step >= cfg.max_steps:
                     stopped = "max_steps"
             if stopped in ("signal", "max_steps"):
-                checkpoint(epoch, step_in_epoch)
-                log(f"stopped at step {step} ({stopped}); saved {ckpt_path}; continue with --resume")
+                save_and_stop(stopped, epoch, step_in_epoch)
             if stopped:
                 break
             t_data = time.perf_counter()
+        # a signal after the last step's flags left: save before the evaluation, which may outlast the grace
+        # period (torchrun waits 30 s); the resumed run evaluates this epoch first, as its steps are done
+        if not stopped and stop_requested():
+            stopped = save_and_stop("signal", epoch, step_in_epoch)
         if stopped:
             break
         step_in_epoch = 0
@@ -1333,6 +1355,10 @@ def run(cfg):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         checkpoint(epoch + 1, 0)
+        if epoch + 1 < cfg.epochs and stop_requested():  # a signal during the evaluation: all is saved just now
+            stopped = "signal"
+            log(f"stopped at step {step} (signal); saved {ckpt_path}; continue with --resume")
+            break
 
     # STAGE 6: report and export -----------------------------------------------------------------------
     if stopped is None:
