@@ -156,7 +156,8 @@ def check_config(cfg):
     if cfg.data.startswith("cifar") and cfg.img_size != 32:
         raise UserError(f"--data {cfg.data} holds 32 px images: use --img-size 32 (the demo preset)")
     try:
-        PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp), PairLoss(cfg.pair_temp, cfg.teacher)
+        PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp)  # built here only to check the options
+        PairLoss(cfg.pair_temp, cfg.teacher)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -469,8 +470,8 @@ class PairLoss(nn.Module):
 
 class PairSchedule:
     """The three stages as fractions of training, 'S1,S2': 1 warm-up [0, S1), 2 pair [S1, S2), 3 solo
-    [S2, 1]. Called with the progress in [0, 1], gives (stage, a): a is 0 outside stage 2 and ramps
-    linearly to `pair_weight` over the first `ramp` of training in it."""
+    [S2, 1]. Called with the progress in [0, 1], gives (stage, a): a is 0 outside stage 2 and rises
+    linearly from 0 at S1 to `pair_weight` at S1 + ramp (all fractions of the whole training)."""
 
     def __init__(self, stages="0.1,0.8", pair_weight=0.2, ramp=0.05):
         try:
@@ -731,8 +732,9 @@ def train_step(model, criterion, images, targets, pair_weight, amp_dtype, scaler
 
 
 def make_scaler(device, amp_dtype):
-    """One GradScaler for both optimizers. With fp16 it scales the loss; otherwise its scale stays 1 and it
-    only skips a step whose gradients are not finite, on the device (fused optimizers read its flag)."""
+    """One GradScaler for both optimizers. With fp16 it scales the loss; otherwise its scale stays 1 (apply_step
+    resets it) and it only skips a step whose gradients are not finite, on the device (fused optimizers read
+    its flag)."""
     return torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if amp_dtype == torch.float16 else 1.0)
 
 
@@ -974,9 +976,21 @@ class Progress:
         self.total_steps, self.global_batch = cfg.epochs * steps_per_epoch, cfg.batch_size * world * cfg.accum_steps
         self.names, self.bad_steps = [], 0
 
-    def start_epoch(self):
-        self.sums, self.finite_steps, self.bad_images = None, 0, 0
+    def start_epoch(self, saved=None):
+        """Zeroes the epoch's totals, or takes `saved` ones: state() of a checkpoint made inside this epoch."""
+        saved = saved or {"names": self.names, "sums": None, "finite_steps": 0, "bad_images": 0, "rate": (0, 0.0)}
+        self.names, self.sums, self.finite_steps = saved["names"], saved["sums"], saved["finite_steps"]
+        self.bad_images, self.saved_rate = saved["bad_images"], saved["rate"]  # (steps, seconds) before the stop
         self.restart_clock()
+
+    def state(self):
+        """The epoch's totals so far, so that a run resumed inside the epoch logs it as if never stopped."""
+        steps, seconds = self.rate()
+        return {"names": self.names, "sums": self.sums, "finite_steps": self.finite_steps,
+                "bad_images": self.bad_images, "rate": [steps, seconds]}
+
+    def rate(self):
+        return self.saved_rate[0] + self.rate_steps, self.saved_rate[1] + time.perf_counter() - self.t_rate
 
     def restart_clock(self):
         """Throughput counts from here (after the first step, which compiles)."""
@@ -1025,16 +1039,16 @@ class Progress:
 
     def summary(self):
         """The epoch's mean loss terms (finite steps only), unreadable images and img/s."""
+        steps, seconds = self.rate()
         return {**{f"train_{k}": v / max(1, self.finite_steps) for k, v in zip(self.names, self.sums or [])},
-                "bad_images": self.bad_images,
-                "img_per_s": self.rate_steps * self.global_batch / (time.perf_counter() - self.t_rate)}
+                "bad_images": self.bad_images, "img_per_s": steps * self.global_batch / seconds}
 
 
 def choose_precision(cfg, device, log):
     """(amp dtype or None, whether to compile), with safe fallbacks for what the device cannot do."""
     cuda = device.type == "cuda"
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else "off")
-    if amp == "bf16" and cuda and torch.cuda.get_device_capability(device) < (8, 0):  # bf16 units: Ampere on
+    if amp == "bf16" and cuda and torch.cuda.get_device_capability(device) < (8, 0):  # bf16 units from Ampere (8.0) on
         log("vpl: warning: this GPU has no bf16; using --amp fp16 with a GradScaler")
         amp = "fp16"
     compile_ = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
@@ -1260,7 +1274,7 @@ def run(cfg):
     def checkpoint(epoch, step_in_epoch):
         meta = {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "config": asdict(cfg),
                 "num_classes": num_classes, "rng": rng_state(world), "global_batch": global_batch, "world": world,
-                "amp": str(amp_dtype)}
+                "amp": str(amp_dtype), "epoch_totals": progress.state() if step_in_epoch else None}
         save_checkpoint(ckpt_path, parts, meta, rank, world)
 
     def save_and_stop(reason, epoch, step_in_epoch):
@@ -1274,7 +1288,7 @@ def run(cfg):
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
         train_loader.sampler.start = step_in_epoch * cfg.accum_steps * cfg.batch_size
-        progress.start_epoch()
+        progress.start_epoch(ckpt.get("epoch_totals") if epoch == start_epoch else None)
         t_epoch = t_data = time.perf_counter()
         in_flight, bad_since_step = None, 0
         stage, a = pair_schedule((step - 1) / total_steps)  # the last step's, should a resumed epoch have none left
@@ -1326,6 +1340,8 @@ def run(cfg):
                 if not stopped and cfg.max_steps and step >= cfg.max_steps:
                     stopped = "max_steps"
             if stopped in ("signal", "max_steps"):
+                if in_flight is not None:  # the step launched after the one that asked to stop: count it too
+                    progress.settle(in_flight, quiet=True)
                 save_and_stop(stopped, epoch, step_in_epoch)
             if stopped:
                 break
@@ -1354,11 +1370,10 @@ def run(cfg):
         if main_rank:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        checkpoint(epoch + 1, 0)
-        if epoch + 1 < cfg.epochs and stop_requested():  # a signal during the evaluation: all is saved just now
-            stopped = "signal"
-            log(f"stopped at step {step} (signal); saved {ckpt_path}; continue with --resume")
+        if epoch + 1 < cfg.epochs and stop_requested():  # a signal during the evaluation: save and stop now
+            stopped = save_and_stop("signal", epoch + 1, 0)
             break
+        checkpoint(epoch + 1, 0)
 
     # STAGE 6: report and export -----------------------------------------------------------------------
     if stopped is None:
