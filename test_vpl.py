@@ -456,19 +456,34 @@ def test_ddp_step_gives_the_single_process_gradient(tmp_path):
             assert torch.allclose(g_ddp, p.grad, atol=1e-6)
 
 
-def test_torchrun_two_processes_count_each_val_image_once(tmp_path):
-    out = str(tmp_path / "ddp")
-    args = [*TINY, "--demo-val", "101", "--epochs", "1", "--out", out]
+def torchrun_two(*args):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={29900 + os.getpid() % 90}", VPL, *args],
+                             f"--master_port={29900 + os.getpid() % 90}", *args],
                             capture_output=True, text=True, timeout=300, cwd=HERE)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_torchrun_two_processes_count_each_val_image_once_and_stop_together(tmp_path):
+    out = str(tmp_path / "ddp")
+    args = [*TINY, "--demo-val", "101", "--epochs", "1", "--out", out]
+    torchrun_two(VPL, *args)
     log = read_log(out)
     assert log[0]["world_size"] == 2 and log[0]["val_images"] == 101
     # one process evaluating the same checkpoint gets the same accuracies
     single = json.loads(run_vpl(*args, "--eval-only").stdout.strip().splitlines()[-1])
     for key, value in single.items():
         assert value == pytest.approx(log[0][key], abs=1e-9), key
+    # SIGTERM to rank 1 alone, at its third step: the request travels in the all-reduced flags, so both
+    # ranks stop after the same step; two processes resumed from there end as the uninterrupted pair did
+    stopped = str(tmp_path / "stopped")
+    wrapper = tmp_path / "signal_on_call.py"
+    wrapper.write_text(SIGNAL_ON_CALL)
+    assert "(signal)" in torchrun_two(str(wrapper), "apply_step", "3", "1", *args, "--out", stopped)
+    assert 2 < torch.load(os.path.join(stopped, "last.pt"), weights_only=True)["step_in_epoch"] < 6
+    torchrun_two(VPL, *args, "--out", stopped, "--resume")
+    assert_same_weights(model_state(stopped), model_state(out))
+    assert_same_log(stopped, out)
 
 
 @pytest.mark.parametrize("capability,dtype", [((7, 0), torch.float16), ((8, 0), torch.bfloat16)])
@@ -622,18 +637,20 @@ def test_sigterm_saves_and_resume_is_bit_identical(reference_run, tmp_path):
     assert_same_log(out, reference_run[0])
 
 
-SIGNAL_ON_CALL = """
-import os, signal, sys, vpl
-def signal_on_call(name, n):  # vpl.<name> sends this process SIGTERM at its n-th call
+SIGNAL_ON_CALL = f"""
+import os, signal, sys
+sys.path.insert(0, {HERE!r})
+import vpl
+def signal_on_call(name, n, rank):  # in process `rank`, vpl.<name> sends it SIGTERM at its n-th call
     fn, calls = getattr(vpl, name), []
     def wrapped(*args, **kwargs):
         calls.append(1)
-        if len(calls) == n:
+        if len(calls) == n and os.environ.get("RANK", "0") == rank:
             os.kill(os.getpid(), signal.SIGTERM)
         return fn(*args, **kwargs)
     setattr(vpl, name, wrapped)
-signal_on_call(sys.argv[1], int(sys.argv[2]))
-vpl.main(sys.argv[3:])
+signal_on_call(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+vpl.main(sys.argv[4:])
 """
 
 
@@ -642,7 +659,7 @@ def test_sigterm_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(refe
     # at the first epoch's last step (12), after its stop request has left with its flags, or during the
     # evaluation after it: the run saves and stops before the evaluation or right after it, not 2 steps on
     out = str(tmp_path)
-    stopped = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, function, str(call), *TINY, "--out", out],
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, function, str(call), "0", *TINY, "--out", out],
                              capture_output=True, text=True, cwd=HERE, timeout=300)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped at step 12 (signal)" in stopped.stdout
