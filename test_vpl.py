@@ -677,6 +677,7 @@ def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(r
     torch.load(os.path.join(out, "last.pt"), weights_only=True)
     run_vpl(*TINY, "--out", out, "--resume")
     assert_same_weights(model_state(out), model_state(reference_run[0]))
+    assert_same_log(out, reference_run[0])
 
 
 def test_torchrun_restarts_a_killed_worker_which_resumes_bit_identically(reference_run, tmp_path):
@@ -700,6 +701,7 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_bit_identically(referen
         os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=300) == 0
     assert_same_weights(model_state(out), model_state(reference_run[0]))
+    assert_same_log(out, reference_run[0])
 
 
 # ------------------------------------------------------------------------------ bench and chart
