@@ -38,67 +38,68 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 
 # ----------------------------------------------------------------------------------------- config
-def opt(default, help, choices=None):
+def flag(default, help, choices=None):
+    """A Config field that becomes a command-line flag with this help text."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class Config:
     """Every knob of a run. The defaults are the CPU demo; PRESETS override them; flags override both."""
-    preset: str = opt("", "demo or imagenet (default: imagenet when --data is a folder, else demo)",
+    preset: str = flag("", "demo or imagenet (default: imagenet when --data is a folder, else demo)",
                       ["", "demo", "imagenet"])
     # data
-    data: str = opt("demo", "'demo' (built in), 'cifar10', 'cifar100', or an ImageFolder root with train/ and val/")
-    data_root: str = opt("./data", "where CIFAR is downloaded to")
-    demo_train: int = opt(5000, "images in the demo's train split")
-    demo_val: int = opt(1000, "images in the demo's val split")
-    img_size: int = opt(32, "image side, pixels")
-    workers: int = opt(2, "data loading processes per GPU")
+    data: str = flag("demo", "'demo' (built in), 'cifar10', 'cifar100', or an ImageFolder root with train/ and val/")
+    data_root: str = flag("./data", "where CIFAR is downloaded to")
+    demo_train: int = flag(5000, "images in the demo's train split")
+    demo_val: int = flag(1000, "images in the demo's val split")
+    img_size: int = flag(32, "image side, pixels")
+    workers: int = flag(2, "data loading processes per GPU")
     # models
-    vit: str = opt("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
-    cnn: str = opt("resnet_tiny", "partner branch (a ViT here gives the ViT+ViT ablation)",
+    vit: str = flag("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
+    cnn: str = flag("resnet_tiny", "partner branch (a ViT here gives the ViT+ViT ablation)",
                    ["resnet_tiny", "resnet50", "vit_tiny", "vit_b_16"])
-    drop_path: float = opt(0.1, "stochastic depth rate of the ViT's last block")
-    init: str = opt("", "'torchvision': start both branches from torchvision's ImageNet weights", ["", "torchvision"])
-    init_vit: str = opt("", "ViT checkpoint to start from (timm/DeiT or torchvision format)")
-    init_cnn: str = opt("", "ResNet checkpoint to start from (torchvision format)")
+    drop_path: float = flag(0.1, "stochastic depth rate of the ViT's last block")
+    init: str = flag("", "'torchvision': start both branches from torchvision's ImageNet weights", ["", "torchvision"])
+    init_vit: str = flag("", "ViT checkpoint to start from (timm/DeiT or torchvision format)")
+    init_cnn: str = flag("", "ResNet checkpoint to start from (torchvision format)")
     # optimization
-    epochs: int = opt(10, "training epochs")
-    batch_size: int = opt(128, "images per process per micro-step")
-    accum_steps: int = opt(1, "micro-steps per optimizer step")
-    lr_vit: float = opt(4e-3, "AdamW peak lr per 512 images of global batch")
-    lr_cnn: float = opt(0.8, "SGD peak lr per 1024 images of global batch")
-    min_lr_vit: float = opt(1e-5, "AdamW lr at the end of the cosine")
-    wd_vit: float = opt(0.05, "AdamW weight decay")
-    wd_cnn: float = opt(5e-5, "SGD weight decay")
-    warmup_epochs: float = opt(1.0, "linear lr warm-up, epochs")
-    clip_grad: float = opt(0.0, "max gradient norm per branch (0: off)")
-    label_smoothing: float = opt(0.1, "label smoothing of every cross-entropy")
-    mixup: float = opt(0.0, "MixUp alpha (0: off)")
-    cutmix: float = opt(0.0, "CutMix alpha (0: off)")
-    randaug: int = opt(0, "RandAugment magnitude (0: off)")
-    reprob: float = opt(0.0, "RandomErasing probability")
-    ema: float = opt(0.0, "EMA decay per step of both branches (0: off)")
+    epochs: int = flag(10, "training epochs")
+    batch_size: int = flag(128, "images per process per micro-step")
+    accum_steps: int = flag(1, "micro-steps per optimizer step")
+    lr_vit: float = flag(4e-3, "AdamW peak lr per 512 images of global batch")
+    lr_cnn: float = flag(0.8, "SGD peak lr per 1024 images of global batch")
+    min_lr_vit: float = flag(1e-5, "AdamW lr at the end of the cosine")
+    wd_vit: float = flag(0.05, "AdamW weight decay")
+    wd_cnn: float = flag(5e-5, "SGD weight decay")
+    warmup_epochs: float = flag(1.0, "linear lr warm-up, epochs")
+    clip_grad: float = flag(0.0, "max gradient norm per branch (0: off)")
+    label_smoothing: float = flag(0.1, "label smoothing of every cross-entropy")
+    mixup: float = flag(0.0, "MixUp alpha (0: off)")
+    cutmix: float = flag(0.0, "CutMix alpha (0: off)")
+    randaug: int = flag(0, "RandAugment magnitude (0: off)")
+    reprob: float = flag(0.0, "RandomErasing probability")
+    ema: float = flag(0.0, "EMA decay per step of both branches (0: off)")
     # pair learning
-    pair_weight: float = opt(0.2, "a: weight of the partner loss in stage 2, in [0, 1]")
-    pair_temp: float = opt(1.0, "T: distillation temperature, > 0")
-    teacher: str = opt("partner", "who teaches each branch", ["partner", "pair"])
-    stages: str = opt("0.1,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
-    ramp: float = opt(0.05, "fraction of training over which a ramps up at the start of stage 2")
+    pair_weight: float = flag(0.2, "a: weight of the partner loss in stage 2, in [0, 1]")
+    pair_temp: float = flag(1.0, "T: distillation temperature, > 0")
+    teacher: str = flag("partner", "who teaches each branch", ["partner", "pair"])
+    stages: str = flag("0.1,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
+    ramp: float = flag(0.05, "fraction of training over which a ramps up at the start of stage 2")
     # system
-    device: str = opt("auto", "auto, cpu, cuda")
-    amp: str = opt("auto", "autocast dtype (auto: bf16 on CUDA, off on the CPU)", ["auto", "off", "bf16", "fp16"])
-    compile: str = opt("auto", "torch.compile the pair (auto: on CUDA)", ["auto", "on", "off"])
-    sync_bn: bool = opt(False, "SyncBatchNorm in the CNN (CUDA, several GPUs)")
-    seed: int = opt(0, "seed of everything: data, init, augmentation")
-    out: str = opt("", "output folder (default runs/<preset>)")
-    resume: bool = opt(False, "continue from <out>/last.pt (which must exist)")
-    auto_resume: bool = opt(False, "continue from <out>/last.pt if it exists (elastic restarts)")
-    eval_only: bool = opt(False, "evaluate <out>/last.pt and exit")
-    bench: bool = opt(False, "measure training throughput on synthetic batches and exit")
-    log_every: int = opt(50, "optimizer steps between progress lines")
-    max_steps: int = opt(0, "stop (and save) after this many optimizer steps in all (0: no limit)")
-    max_bad_steps: int = opt(5, "consecutive non-finite steps before the run stops")
+    device: str = flag("auto", "auto, cpu, cuda")
+    amp: str = flag("auto", "autocast dtype (auto: bf16 on CUDA, off on the CPU)", ["auto", "off", "bf16", "fp16"])
+    compile: str = flag("auto", "torch.compile the pair (auto: on CUDA)", ["auto", "on", "off"])
+    sync_bn: bool = flag(False, "SyncBatchNorm in the CNN (CUDA, several GPUs)")
+    seed: int = flag(0, "seed of everything: data, init, augmentation")
+    out: str = flag("", "output folder (default runs/<preset>)")
+    resume: bool = flag(False, "continue from <out>/last.pt (which must exist)")
+    auto_resume: bool = flag(False, "continue from <out>/last.pt if it exists (elastic restarts)")
+    eval_only: bool = flag(False, "evaluate <out>/last.pt and exit")
+    bench: bool = flag(False, "measure training throughput on synthetic batches and exit")
+    log_every: int = flag(50, "optimizer steps between progress lines")
+    max_steps: int = flag(0, "stop (and save) after this many optimizer steps in all (0: no limit)")
+    max_bad_steps: int = flag(5, "consecutive non-finite steps before the run stops")
 
 
 PRESETS = {
@@ -116,6 +117,8 @@ class UserError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, exit code 2, without the usage text."""
+
     def error(self, message):
         print(f"vpl: error: {message}", file=sys.stderr)
         sys.exit(2)
@@ -139,6 +142,7 @@ def parse_config(argv=None):
 
 
 def check_config(cfg):
+    """Raises UserError naming the first flag whose value makes no sense."""
     for name in ("batch_size", "accum_steps", "epochs", "log_every", "img_size", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -196,6 +200,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+    """The transformer block's feed-forward part: Linear, GELU, Linear."""
+
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
@@ -396,6 +402,7 @@ BRANCHES = {"vit_b_16": vit_b_16, "vit_tiny": vit_tiny, "resnet50": resnet50, "r
 
 
 def build_branch(name, num_classes, img_size, drop_path):
+    """One branch by its --vit/--cnn name; only a ViT takes the image size and drop-path rate."""
     if name.startswith("vit"):
         return BRANCHES[name](num_classes, img_size=img_size, drop_path=drop_path)
     return BRANCHES[name](num_classes)
@@ -632,12 +639,14 @@ def build_datasets(cfg):
 
 
 def ignore_signals(_worker_id):
-    # Ctrl-C and a scheduler's SIGTERM reach the whole process group: the main process alone handles them
+    """DataLoader workers ignore Ctrl-C and SIGTERM, which reach the whole process group: the main
+    process alone handles them (it finishes the step and saves)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def build_loaders(cfg, train_set, val_set, rank, world, cuda):
+    """This rank's train loader (a shuffled shard, whole batches) and val loader (every world-th image)."""
     sampler = EpochSampler(train_set, world, rank, cfg.seed)
     common = dict(num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0,
                   worker_init_fn=ignore_signals)
@@ -676,6 +685,7 @@ def setup_distributed(device):
 
 
 def all_sum(tensor, world):
+    """Sums a tensor over all ranks, in place."""
     if world > 1:
         dist.all_reduce(tensor)
     return tensor
@@ -718,6 +728,7 @@ def lr_at(step, total, warmup, peak, final):
 
 
 def amp_context(device, amp_dtype):
+    """Autocast to amp_dtype on this device; a no-op when it is None (fp32)."""
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
@@ -863,6 +874,7 @@ def load_branch_weights(model, state_dict):
 
 
 def load_initial_weights(cfg, pair):
+    """Starts the branches from torchvision's ImageNet weights (--init) or from files (--init-vit, --init-cnn)."""
     if cfg.init == "torchvision":
         import torchvision
         try:
@@ -957,6 +969,7 @@ def parse_json(line):
 
 
 def fmt_time(seconds):
+    """1h02m, or 3m05s."""
     if seconds >= 3600:
         return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
@@ -1170,6 +1183,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
 
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None):
+    """The command line: bad input ends in one line on stderr and exit code 2."""
     try:
         run(parse_config(argv))
     except UserError as e:
@@ -1178,6 +1192,8 @@ def main(argv=None):
 
 
 def run(cfg):
+    """The whole job, in each process: trains the pair as `cfg` says and returns the per-epoch records
+    (with --eval-only: evaluates and returns the result; with --bench: measures and returns None)."""
     # STAGE 1: processes, device, precision --------------------------------------------------------
     rank, world, device = setup_distributed(cfg.device)
     cuda, main_rank = device.type == "cuda", rank == 0
