@@ -47,7 +47,7 @@ def flag(default, help, choices=None):
 class Config:
     """Every knob of a run. The defaults are the CPU demo; PRESETS override them; flags override both."""
     preset: str = flag("", "demo or imagenet (default: imagenet when --data is a folder, else demo)",
-                      ["", "demo", "imagenet"])
+                       ["", "demo", "imagenet"])
     # data
     data: str = flag("demo", "'demo' (built in), 'cifar10', 'cifar100', or an ImageFolder root with train/ and val/")
     data_root: str = flag("./data", "where CIFAR is downloaded to")
@@ -58,7 +58,7 @@ class Config:
     # models
     vit: str = flag("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
     cnn: str = flag("resnet_tiny", "partner branch (a ViT here gives the ViT+ViT ablation)",
-                   ["resnet_tiny", "resnet50", "vit_tiny", "vit_b_16"])
+                    ["resnet_tiny", "resnet50", "vit_tiny", "vit_b_16"])
     drop_path: float = flag(0.1, "stochastic depth rate of the ViT's last block")
     init: str = flag("", "'torchvision': start both branches from torchvision's ImageNet weights", ["", "torchvision"])
     init_vit: str = flag("", "ViT checkpoint to start from (timm/DeiT or torchvision format)")
@@ -929,7 +929,7 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank, amp):
         raise UserError(f"{path} was made with global batch {ckpt['global_batch']} on {ckpt['world']} processes; "
                         f"resume with the same (now {global_batch} on {world})")
     for name, part in parts.items():
-        if name != "scaler" or ckpt.get("amp", amp) == amp:  # bf16's loss scale, 1, would underflow fp16's gradients
+        if name != "scaler" or ckpt.get("amp", amp) == amp:  # bf16's scale, 1, would flush fp16's small gradients
             part.load_state_dict(ckpt[name])
     if not cfg.eval_only:  # evaluation may run on any number of processes
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
@@ -1003,6 +1003,7 @@ class Progress:
                 "bad_images": self.bad_images, "rate": [steps, seconds]}
 
     def rate(self):
+        """(optimizer steps, seconds) of this epoch that its img/s counts."""
         return self.saved_rate[0] + self.rate_steps, self.saved_rate[1] + time.perf_counter() - self.t_rate
 
     def restart_clock(self):
