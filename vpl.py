@@ -1262,8 +1262,9 @@ def run(cfg):
         with open(log_path, "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
     if resume:
-        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}"
-            + (f"; made with amp {ckpt['amp']}: the GradScaler starts afresh" if ckpt.get("amp", str(amp_dtype)) != str(amp_dtype) else ""))
+        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+        if ckpt.get("amp", str(amp_dtype)) != str(amp_dtype):
+            log(f"the checkpoint was made with amp {ckpt['amp']}, this run uses {amp_dtype}: the GradScaler starts afresh")
     if cfg.eval_only:
         result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
         log(json.dumps(result))
