@@ -17,6 +17,7 @@ import argparse
 import collections
 import contextlib
 import copy
+import datetime
 import itertools
 import json
 import math
@@ -960,21 +961,6 @@ def text_chart(history, stage_bounds, epochs, height=10):
                               "       epoch (last digit); v ViT, c CNN, * both; | stage boundary"])
 
 
-def parse_json(line):
-    """One line of log.jsonl, or None if a crash tore it."""
-    try:
-        return json.loads(line)
-    except ValueError:
-        return None
-
-
-def fmt_time(seconds):
-    """1h02m, or 3m05s."""
-    if seconds >= 3600:
-        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
-
-
 # A launched optimizer step: where it was, and `read`, which waits for its flags on the host.
 Flight = collections.namedtuple("Flight", "step epoch stage pair_weight step_in_epoch lrs read")
 
@@ -1045,7 +1031,8 @@ class Progress:
         self.log(f"stage {flight.stage} | epoch {flight.epoch + 1}/{self.cfg.epochs} | step {flight.step + 1}/"
                  f"{self.total_steps} | " + " ".join(f"{k} {v:.3f}" for k, v in zip(self.names, values))
                  + f" | a {flight.pair_weight:.2f} | lr " + "/".join(f"{lr:.2e}" for lr in flight.lrs)
-                 + f" | {rate:.0f} img/s | data {100 * self.data_time / (now - self.t_log):.0f}% | eta {fmt_time(eta)}"
+                 + f" | {rate:.0f} img/s | data {100 * self.data_time / (now - self.t_log):.0f}%"
+                 + f" | eta {datetime.timedelta(seconds=round(eta))}"
                  + (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if self.cuda else "")
                  + (f" | fp16 scale {self.scaler.get_scale():g}" if self.scaler else "")  # a host wait, once a line
                  + (f" | bad images {self.bad_images}" if self.bad_images else ""), flush=True)
@@ -1258,7 +1245,8 @@ def run(cfg):
     history, log_path = [], os.path.join(cfg.out, "log.jsonl")
     if resume and main_rank and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
         with open(log_path) as f:
-            history = [h for h in map(parse_json, f) if h and h["epoch"] < start_epoch]
+            whole = [json.loads(line) for line in f if line.endswith("}\n")]  # a line torn by a crash is not
+            history = [h for h in whole if h["epoch"] < start_epoch]
         with open(log_path, "w") as f:
             f.writelines(json.dumps(h) + "\n" for h in history)
     if resume:
