@@ -668,6 +668,19 @@ def test_sigterm_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(refe
     assert_same_log(out, reference_run[0])
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    vpl.save_atomic({"step": 1}, path)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(vpl.UserError, match="No space left on device"):
+        vpl.save_atomic({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["last.pt"]
+
+
 def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(reference_run, tmp_path):
     out = str(tmp_path)
     proc = subprocess.Popen([sys.executable, VPL, *TINY, "--out", out], stdout=subprocess.DEVNULL, cwd=HERE)

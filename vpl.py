@@ -824,13 +824,19 @@ def evaluate_pair(model, ema, loader, device, amp_dtype, world):
 
 
 def save_atomic(obj, path):
-    """Writes to a temp file, fsyncs, then renames: a crash at any moment leaves the old file whole."""
+    """Writes to a temp file, fsyncs, then renames: a crash at any moment leaves the old file whole, and a
+    failed write (a full disk) is a one-line error that leaves it whole too."""
     partial = f"{path}.tmp{os.getpid()}"
-    with open(partial, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    try:
+        with open(partial, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(partial)
+        raise UserError(f"cannot write {path} ({e.strerror or e}); the previous one is left as it was") from None
 
 
 def rng_state(world):
