@@ -668,7 +668,7 @@ def test_sigterm_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(refe
     assert_same_log(out, reference_run[0])
 
 
-def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+def test_a_failed_write_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     vpl.save_atomic({"step": 1}, path)
 
@@ -679,6 +679,12 @@ def test_a_full_disk_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypa
     with pytest.raises(vpl.UserError, match="No space left on device"):
         vpl.save_atomic({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["last.pt"]
+    # the same for the log, in a real run: a folder where log.jsonl should go cannot be appended to
+    out = tmp_path / "run"
+    (out / "log.jsonl").mkdir(parents=True)
+    result = run_vpl(*TINY, "--epochs", "1", "--out", str(out), check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"vpl: error: cannot write {out}/log.jsonl")
 
 
 def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(reference_run, tmp_path):

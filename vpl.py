@@ -1380,8 +1380,11 @@ def run(cfg):
                 if main_rank:
                     save_atomic(getattr(pair, branch).state_dict(), os.path.join(cfg.out, f"{branch}.pt"))
         if main_rank:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a full disk: say so in one line; last.pt is still the previous epoch's
+                raise UserError(f"cannot write {log_path} ({e.strerror or e}); {ckpt_path} is left as it was") from None
         if epoch + 1 < cfg.epochs and stop_requested():  # a signal during the evaluation: save and stop now
             stopped = save_and_stop("signal", epoch + 1, 0)
             break
