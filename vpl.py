@@ -983,20 +983,14 @@ class Progress:
 
     def start_epoch(self, saved=None):
         """Zeroes the epoch's totals, or takes `saved` ones: state() of a checkpoint made inside this epoch."""
-        saved = saved or {"names": self.names, "sums": None, "finite_steps": 0, "bad_images": 0, "rate": (0, 0.0)}
-        self.names, self.sums, self.finite_steps = saved["names"], saved["sums"], saved["finite_steps"]
-        self.bad_images, self.saved_rate = saved["bad_images"], saved["rate"]  # (steps, seconds) before the stop
+        saved = saved or {"names": self.names, "sums": None, "finite_steps": 0, "bad_images": 0}
+        self.names, self.sums, self.finite_steps, self.bad_images = (
+            saved[k] for k in ("names", "sums", "finite_steps", "bad_images"))
         self.restart_clock()
 
     def state(self):
-        """The epoch's totals so far, so that a run resumed inside the epoch logs it as if never stopped."""
-        steps, seconds = self.rate()
-        return {"names": self.names, "sums": self.sums, "finite_steps": self.finite_steps,
-                "bad_images": self.bad_images, "rate": [steps, seconds]}
-
-    def rate(self):
-        """(optimizer steps, seconds) of this epoch that its img/s counts."""
-        return self.saved_rate[0] + self.rate_steps, self.saved_rate[1] + time.perf_counter() - self.t_rate
+        """The epoch's totals so far, so that a run resumed inside the epoch logs its mean losses whole."""
+        return {"names": self.names, "sums": self.sums, "finite_steps": self.finite_steps, "bad_images": self.bad_images}
 
     def restart_clock(self):
         """Throughput counts from here (after the first step, which compiles)."""
@@ -1045,10 +1039,11 @@ class Progress:
         self.t_log, self.data_time, self.images_seen = now, 0.0, 0
 
     def summary(self):
-        """The epoch's mean loss terms (finite steps only), unreadable images and img/s."""
-        steps, seconds = self.rate()
+        """The epoch's mean loss terms (finite steps only), unreadable images and img/s (of the steps run since
+        the start or the resume, the first step of a run left out)."""
         return {**{f"train_{k}": v / max(1, self.finite_steps) for k, v in zip(self.names, self.sums or [])},
-                "bad_images": self.bad_images, "img_per_s": steps * self.global_batch / seconds}
+                "bad_images": self.bad_images,
+                "img_per_s": self.rate_steps * self.global_batch / (time.perf_counter() - self.t_rate)}
 
 
 def choose_precision(cfg, device, log):
