@@ -357,9 +357,17 @@ def test_resume_with_another_amp_starts_the_grad_scaler_afresh(reference_run, tm
     out = str(tmp_path / "run")
     shutil.copytree(reference_run[0], out)  # made with --amp off
     resumed = run_vpl(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "26", "--amp", "fp16")
-    assert "GradScaler starts afresh" in resumed.stdout
+    assert "GradScaler was not fp16's (scale 1): it starts afresh" in resumed.stdout
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    assert ckpt["step"] == 26 and ckpt["amp"] == "torch.float16" and ckpt["scaler"]["scale"] >= 2.0 ** 10
+    assert ckpt["step"] == 26 and ckpt["scaler"]["scale"] >= 2.0 ** 10
+
+
+def test_a_resume_whose_first_step_ends_the_epoch_prints_its_line(tmp_path):
+    # the first step after a start is not timed, so its line has no rate: the ETA must not divide by it
+    out, long_run = str(tmp_path), [*TINY, "--epochs", "300"]
+    run_vpl(*long_run, "--out", out, "--max-steps", "11")
+    resumed = run_vpl(*long_run, "--out", out, "--resume", "--max-steps", "12")
+    assert "| step 12/3600 |" in resumed.stdout and "eta ?" in resumed.stdout
 
 
 def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_path):

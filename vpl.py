@@ -824,12 +824,15 @@ def evaluate_pair(model, ema, loader, device, amp_dtype, world):
 
 
 def save_atomic(obj, path):
-    """Writes to a temp file, fsyncs, then renames: a crash at any moment leaves the old file whole, and a
-    failed write (a full disk) is a one-line error that leaves it whole too."""
+    """Writes `obj` (bytes, or anything torch.save takes) to a temp file, fsyncs, then renames: a crash at any
+    moment leaves the old file whole, and a failed write (a full disk) is a one-line error that leaves it too."""
     partial = f"{path}.tmp{os.getpid()}"
     try:
         with open(partial, "wb") as f:
-            torch.save(obj, f)
+            if isinstance(obj, bytes):
+                f.write(obj)
+            else:
+                torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
@@ -921,9 +924,9 @@ def save_checkpoint(path, parts, meta, rank, world):
         dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
 
 
-def resume_from(path, cfg, parts, num_classes, global_batch, world, rank, amp):
+def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
     """Loads every part that the checkpoint holds, after checking that it was made by the same setup,
-    and (to train on) this rank's RNG state; returns the checkpoint. `amp`: this run's autocast dtype."""
+    and (to train on) this rank's RNG state; returns the checkpoint."""
     ckpt = load_checkpoint(path)
     missing = [key for key in [*parts, "config", "num_classes", "global_batch", "world", "rng"] if key not in ckpt]
     if missing:
@@ -936,8 +939,7 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank, amp):
         raise UserError(f"{path} was made with global batch {ckpt['global_batch']} on {ckpt['world']} processes; "
                         f"resume with the same (now {global_batch} on {world})")
     for name, part in parts.items():
-        if name != "scaler" or ckpt.get("amp", amp) == amp:  # bf16's scale, 1, would flush fp16's small gradients
-            part.load_state_dict(ckpt[name])
+        part.load_state_dict(ckpt[name])
     if not cfg.eval_only:  # evaluation may run on any number of processes
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if torch.cuda.is_available() and torch.cuda.is_initialized() and "cuda" in ckpt["rng"][rank]:
@@ -1026,13 +1028,14 @@ class Progress:
 
     def print_line(self, flight, values):
         now = time.perf_counter()
-        rate = self.images_seen * self.world / (now - self.t_log)
-        eta = (self.total_steps - flight.step - 1) * self.global_batch / max(rate, 1e-9)
+        rate = self.images_seen * self.world / (now - self.t_log)  # 0 right after a run's first step, not timed
+        steps_left = self.total_steps - flight.step - 1
+        eta = datetime.timedelta(seconds=round(steps_left * self.global_batch / rate)) if rate else "?"
         self.log(f"stage {flight.stage} | epoch {flight.epoch + 1}/{self.cfg.epochs} | step {flight.step + 1}/"
                  f"{self.total_steps} | " + " ".join(f"{k} {v:.3f}" for k, v in zip(self.names, values))
                  + f" | a {flight.pair_weight:.2f} | lr " + "/".join(f"{lr:.2e}" for lr in flight.lrs)
                  + f" | {rate:.0f} img/s | data {100 * self.data_time / (now - self.t_log):.0f}%"
-                 + f" | eta {datetime.timedelta(seconds=round(eta))}"
+                 + f" | eta {eta}"
                  + (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if self.cuda else "")
                  + (f" | fp16 scale {self.scaler.get_scale():g}" if self.scaler else "")  # a host wait, once a line
                  + (f" | bad images {self.bad_images}" if self.bad_images else ""), flush=True)
@@ -1229,7 +1232,7 @@ def run(cfg):
     parts = {"model": pair, "opt_vit": opt_vit, "opt_cnn": opt_cnn, "scaler": scaler}  # what a checkpoint holds
 
     # STAGE 4: resume, the EMA, compile ----------------------------------------------------------------
-    ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank, str(amp_dtype)) if resume else {}
+    ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank) if resume else {}
     start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
     best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
     # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
@@ -1248,12 +1251,12 @@ def run(cfg):
         with open(log_path) as f:
             whole = [json.loads(line) for line in f if line.endswith("}\n")]  # a line torn by a crash is not
             history = [h for h in whole if h["epoch"] < start_epoch]
-        with open(log_path, "w") as f:
-            f.writelines(json.dumps(h) + "\n" for h in history)
+        save_atomic("".join(json.dumps(h) + "\n" for h in history).encode(), log_path)
     if resume:
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
-        if ckpt.get("amp", str(amp_dtype)) != str(amp_dtype):
-            log(f"the checkpoint was made with amp {ckpt['amp']}, this run uses {amp_dtype}: the GradScaler starts afresh")
+        if fp16 and scaler.get_scale() == 1.0:  # a bf16 or fp32 run's scaler: scale 1 would flush fp16's gradients
+            scaler.load_state_dict(make_scaler(device, amp_dtype).state_dict())
+            log(f"the checkpoint's GradScaler was not fp16's (scale 1): it starts afresh at {scaler.get_scale():g}")
     if cfg.eval_only:
         result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
         log(json.dumps(result))
@@ -1281,7 +1284,7 @@ def run(cfg):
     def checkpoint(epoch, step_in_epoch):
         meta = {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "config": asdict(cfg),
                 "num_classes": num_classes, "rng": rng_state(world), "global_batch": global_batch, "world": world,
-                "amp": str(amp_dtype), "epoch_totals": progress.state() if step_in_epoch else None}
+                "epoch_totals": progress.state() if step_in_epoch else None}
         save_checkpoint(ckpt_path, parts, meta, rank, world)
 
     def save_and_stop(reason, epoch, step_in_epoch):
@@ -1346,9 +1349,9 @@ def run(cfg):
                 stopped, in_flight = progress.settle(flight), None
                 if not stopped and cfg.max_steps and step >= cfg.max_steps:
                     stopped = "max_steps"
+            if stopped == "signal" and in_flight is not None:  # the step launched after the one that asked to stop
+                stopped = progress.settle(in_flight, quiet=True) or stopped  # counts too; it may be non-finite
             if stopped in ("signal", "max_steps"):
-                if in_flight is not None:  # the step launched after the one that asked to stop: count it too
-                    progress.settle(in_flight, quiet=True)
                 save_and_stop(stopped, epoch, step_in_epoch)
             if stopped:
                 break
