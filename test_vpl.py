@@ -375,7 +375,8 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
     # the stop falls exactly on the end of the first epoch
     # stage 2 starts with the second epoch: the resumed epoch, with no step left, must log the first one's stage
     options = [*TINY, "--batch-size", "20", "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.8", "--cutmix", "1.0",
-               "--clip-grad", "1.0", "--amp", "fp16", "--randaug", "9", "--reprob", "0.25", "--stages", "0.5,0.75"]
+               "--clip-grad", "1.0", "--amp", "fp16", "--randaug", "9", "--reprob", "0.25", "--stages", "0.5,0.75",
+               "--seed", "20240101"]  # a date as seed: MixUp's per-step seeds must not overflow
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     run_vpl(*options, "--out", whole)
     run_vpl(*options, "--out", parts, "--max-steps", "9")
@@ -388,7 +389,7 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
     log = read_log(whole)
     assert "ema_val_vit_top1" in log[-1] and os.path.exists(os.path.join(whole, "vit_ema.pt"))
     # --eval-only evaluates the checkpoint's EMA too, without being told
-    evaluated = json.loads(run_vpl(*TINY, "--amp", "fp16", "--out", whole, "--eval-only").stdout.splitlines()[-1])
+    evaluated = json.loads(run_vpl(*options, "--out", whole, "--eval-only").stdout.splitlines()[-1])
     assert evaluated.keys() == {k for k in log[-1] if k.startswith(("val_", "ema_val_"))}
     for key, value in evaluated.items():
         assert value == pytest.approx(log[-1][key], abs=1e-9), key
@@ -403,6 +404,19 @@ def test_ema_added_on_resume_starts_from_the_resumed_weights(reference_run, tmp_
     for key, ema in after["ema"].items():  # one step of decay 0.5: halfway from the resumed to the new weights
         if ema.is_floating_point():
             assert torch.allclose(ema, (resumed[key] + after["model"][key]) / 2, atol=1e-6), key
+
+
+def test_augmentation_strength_is_deits():
+    # DeiT's rand-m9 is on timm's 0-10 scale: magnitude 9 rotates by 9/10 of 30 degrees and shears by 9/10
+    # of 0.3 (torchvision's default 31 bins would give 9/30); its RandomErasing fills with noise per pixel
+    from torchvision.transforms import v2
+    train, _ = vpl.build_transforms(vpl.Config(img_size=224, randaug=9, reprob=1.0), from_files=True)
+    randaug = next(t for t in train.transforms if isinstance(t, v2.RandAugment))
+    for op, expected in (("Rotate", 27.0), ("ShearX", 0.27)):
+        levels = randaug._AUGMENTATION_SPACE[op][0](randaug.num_magnitude_bins, 224, 224)  # torchvision's table
+        assert levels[randaug.magnitude].item() == pytest.approx(expected), op
+    erased = train.transforms[-1](torch.zeros(3, 224, 224))
+    assert erased[erased != 0].std() > 0.5  # normal noise, not a constant
 
 
 def test_data_loaders_leave_the_global_rng_alone():
@@ -593,6 +607,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "drop-path of 1": ["--drop-path", "1"],
         "negative lr": ["--lr-vit", "-1"],
         "unknown device": ["--device", "tpu"],
+        "randaug beyond its scale": ["--randaug", "11"],
         "fresh run over a checkpoint": [*TINY, "--out", str(other)],
         "init from a file that is no checkpoint": ["--init-vit", VPL],
         "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],
