@@ -501,7 +501,7 @@ def test_torchrun_two_processes_count_each_val_image_once_and_stop_together(tmp_
     stopped = str(tmp_path / "stopped")
     wrapper = tmp_path / "signal_on_call.py"
     wrapper.write_text(SIGNAL_ON_CALL)
-    assert "(signal)" in torchrun_two(str(wrapper), "apply_step", "3", "1", *args, "--out", stopped)
+    assert "(signal)" in torchrun_two(str(wrapper), "apply_step", "3", "1", "signal", *args, "--out", stopped)
     assert 2 < torch.load(os.path.join(stopped, "last.pt"), weights_only=True)["step_in_epoch"] < 6
     torchrun_two(VPL, *args, "--out", stopped, "--resume")
     assert_same_weights(model_state(stopped), model_state(out))
@@ -664,16 +664,18 @@ SIGNAL_ON_CALL = f"""
 import os, signal, sys
 sys.path.insert(0, {HERE!r})
 import vpl
-def signal_on_call(name, n, rank):  # in process `rank`, vpl.<name> sends it SIGTERM at its n-th call
+def signal_on_call(name, n, rank, crash):  # in process `rank`, vpl.<name> sends SIGTERM (or raises) at call n
     fn, calls = getattr(vpl, name), []
     def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == n and os.environ.get("RANK", "0") == rank:
+            if crash:
+                raise RuntimeError("a simulated crash")
             os.kill(os.getpid(), signal.SIGTERM)
         return fn(*args, **kwargs)
     setattr(vpl, name, wrapped)
-signal_on_call(sys.argv[1], int(sys.argv[2]), sys.argv[3])
-vpl.main(sys.argv[4:])
+signal_on_call(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "crash")
+vpl.main(sys.argv[5:])
 """
 
 
@@ -682,7 +684,8 @@ def test_sigterm_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(refe
     # at the first epoch's last step (12), after its stop request has left with its flags, or during the
     # evaluation after it: the run saves and stops before the evaluation or right after it, not 2 steps on
     out = str(tmp_path)
-    stopped = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, function, str(call), "0", *TINY, "--out", out],
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, function, str(call), "0", "signal", *TINY,
+                              "--out", out],
                              capture_output=True, text=True, cwd=HERE, timeout=300)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
     assert "stopped at step 12 (signal)" in stopped.stdout
@@ -708,6 +711,15 @@ def test_a_failed_write_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monke
     result = run_vpl(*TINY, "--epochs", "1", "--out", str(out), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"vpl: error: cannot write {out}/log.jsonl")
+
+
+def test_a_crash_with_data_workers_ends_the_process(tmp_path):
+    # the workers ignore SIGTERM (the main process handles a scheduler's): after a crash, the interpreter's
+    # exit must still end them, not wait for them forever
+    crashed = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, "apply_step", "3", "0", "crash", *TINY,
+                              "--workers", "2", "--out", str(tmp_path)], capture_output=True, text=True, cwd=HERE,
+                             timeout=60)
+    assert crashed.returncode == 1 and "RuntimeError: a simulated crash" in crashed.stderr
 
 
 def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(reference_run, tmp_path):

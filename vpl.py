@@ -28,6 +28,7 @@ import statistics
 import sys
 import threading
 import time
+import traceback
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -1188,6 +1189,9 @@ def main(argv=None):
     except UserError as e:
         print(f"vpl: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Exception:  # a crash: left uncaught, it would keep the DataLoader workers (which ignore SIGTERM)
+        traceback.print_exc()  # alive into the interpreter's exit, which then waits for them forever
+        sys.exit(1)
 
 
 def run(cfg):
