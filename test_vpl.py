@@ -722,6 +722,24 @@ def test_a_crash_with_data_workers_ends_the_process(tmp_path):
     assert crashed.returncode == 1 and "RuntimeError: a simulated crash" in crashed.stderr
 
 
+def test_a_script_holding_the_loaders_exits(tmp_path):
+    # the workers ignore SIGTERM from others (a scheduler's), not from their main process, which sends it
+    # at the interpreter's exit when a script still holds the loaders
+    script = f"""
+import sys
+sys.path.insert(0, {HERE!r})
+import vpl
+cfg = vpl.parse_config(["--demo-train", "256", "--demo-val", "64", "--batch-size", "32", "--workers", "2"])
+train_set, val_set, _ = vpl.build_datasets(cfg)
+train, val = vpl.build_loaders(cfg, train_set, val_set, 0, 1, False)
+batches = iter(train)
+images, targets, bad = next(batches)
+print(len(images))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0 and result.stdout == "32\n", result.stderr[-2000:]
+
+
 def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(reference_run, tmp_path):
     out = str(tmp_path)
     proc = subprocess.Popen([sys.executable, VPL, *TINY, "--out", out], stdout=subprocess.DEVNULL, cwd=HERE)

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import copy
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -28,7 +29,6 @@ import statistics
 import sys
 import threading
 import time
-import traceback
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -646,18 +646,28 @@ def build_datasets(cfg):
     return Augmented(train, train_tf, cfg.seed), Augmented(val, val_tf, cfg.seed), classes
 
 
-def ignore_signals(_worker_id):
-    """DataLoader workers ignore Ctrl-C and SIGTERM, which reach the whole process group: the main
-    process alone handles them (it finishes the step and saves)."""
+def worker_signals(main_pid, _worker_id):
+    """A DataLoader worker ignores Ctrl-C, and SIGTERM from anyone but the main process: a scheduler signals
+    the whole process group and the main process alone answers (it finishes the step and saves), while the
+    main process's own SIGTERM (the shutdown of its loaders, also at interpreter exit) still ends the worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS cannot tell who sent it: ignore it from everyone
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending SIGTERMs wait for the thread below
+
+    def obey_main_process():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+            pass
+        os._exit(0)
+    threading.Thread(target=obey_main_process, daemon=True).start()
 
 
 def build_loaders(cfg, train_set, val_set, rank, world, cuda):
     """This rank's train loader (a shuffled shard, whole batches) and val loader (every world-th image)."""
     sampler = EpochSampler(train_set, world, rank, cfg.seed)
     common = dict(num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0,
-                  worker_init_fn=ignore_signals)
+                  worker_init_fn=functools.partial(worker_signals, os.getpid()))
     train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True,
                        generator=torch.Generator().manual_seed(cfg.seed + rank), **common)
     # val: a plain shard per rank, no padding, so that each image is counted exactly once
@@ -1189,9 +1199,6 @@ def main(argv=None):
     except UserError as e:
         print(f"vpl: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except Exception:  # a crash: left uncaught, it would keep the DataLoader workers (which ignore SIGTERM)
-        traceback.print_exc()  # alive into the interpreter's exit, which then waits for them forever
-        sys.exit(1)
 
 
 def run(cfg):
