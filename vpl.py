@@ -649,10 +649,10 @@ def build_datasets(cfg):
 def worker_signals(main_pid, _worker_id):
     """A DataLoader worker ignores Ctrl-C, and SIGTERM from anyone but the main process: a scheduler signals
     the whole process group and the main process alone answers (it finishes the step and saves), while the
-    main process's own SIGTERM (the shutdown of its loaders, also at interpreter exit) still ends the worker."""
+    main process's own SIGTERM (the shutdown of its loaders, also at interpreter exit) still ends the worker.
+    Where the sender cannot be told (macOS), every SIGTERM does."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if not hasattr(signal, "sigwaitinfo"):  # macOS cannot tell who sent it: ignore it from everyone
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not hasattr(signal, "sigwaitinfo"):  # macOS (no cluster schedulers either)
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending SIGTERMs wait for the thread below
 
