@@ -550,14 +550,20 @@ def write_image_folder(root, per_class, size=40, corrupt=()):
 FOLDER_ARGS = ["--preset", "demo", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
 
 
-def test_image_folder_trains_and_a_corrupt_image_is_replaced_with_a_warning(tmp_path):
-    write_image_folder(tmp_path / "data", 104, corrupt=[("train", "ant", 3)])  # 1 of 208: < 1%
-    out = str(tmp_path / "out")
-    result = run_vpl("--data", str(tmp_path / "data"), *FOLDER_ARGS, "--epochs", "1", "--out", out)
+def test_image_folder_trains_and_a_corrupt_image_is_replaced_or_left_out_with_a_warning(tmp_path):
+    data, out = tmp_path / "data", str(tmp_path / "out")
+    write_image_folder(data, 104, corrupt=[("train", "ant", 3), ("val", "bee", 1)])  # train: 1 of 208, < 1%
+    result = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", out)
     warnings = [line for line in result.stderr.splitlines() if "unreadable image" in line]
-    assert len(warnings) == 1 and os.path.join("ant", "3.png") in warnings[0]
-    log = read_log(out)
-    assert log[0]["bad_images"] == 1 and log[0]["val_images"] == 8
+    assert len(warnings) == 2 and os.path.join("ant", "3.png") in warnings[0], warnings
+    log = read_log(out)[0]
+    assert log["bad_images"] == 1 and log["val_images"] == 7 and log["val_bad_images"] == 1
+    # the unreadable val image is left out, not replaced: the same as evaluating without it
+    os.remove(data / "val" / "bee" / "1.png")
+    evaluated = json.loads(run_vpl("--data", str(data), *FOLDER_ARGS, "--out", out, "--eval-only").stdout.splitlines()[-1])
+    assert "val_bad_images" not in evaluated
+    for key, value in evaluated.items():
+        assert value == pytest.approx(log[key], abs=1e-9), key
 
 
 def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path):

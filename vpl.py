@@ -806,29 +806,30 @@ def to_host_async(tensor):
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype, world):
     """Top-1/top-5 (%) of the ViT, the CNN, the pair head and the ensemble (mean of the two branches'
-    probabilities), each val image counted once over all ranks; the count is checked."""
+    probabilities), each readable val image counted once over all ranks; the count is checked."""
     sync_buffers(model, world)  # every rank evaluates (and later saves) rank 0's BatchNorm statistics
     was_training, names = model.training, ("vit", "cnn", "pair", "ens")
     model.eval()
     hits = torch.zeros(len(names), 2, device=device, dtype=torch.float64)  # (model, top-1 / top-5)
-    count = torch.zeros((), device=device, dtype=torch.float64)
-    for images, targets, _ in loader:
+    counts = torch.zeros(2, device=device, dtype=torch.float64)  # (images evaluated, unreadable ones)
+    for images, targets, replaced in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        read = (replaced == 0).to(device, non_blocking=True)  # an unreadable image's stand-in does not count
         with amp_context(device, amp_dtype):
             out = model(images)
         out["ens"] = (out["vit"].float().softmax(-1) + out["cnn"].float().softmax(-1)) / 2
         for i, name in enumerate(names):
             top = out[name].float().topk(min(5, out[name].shape[1]), dim=1).indices == targets[:, None]
-            hits[i, 0] += top[:, 0].sum()
-            hits[i, 1] += top.any(dim=1).sum()
-        count += len(targets)
-    count, hits = int(all_sum(count, world).item()), all_sum(hits, world)
+            hits[i, 0] += (top[:, 0] & read).sum()
+            hits[i, 1] += (top.any(dim=1) & read).sum()
+        counts += torch.stack([read.sum(), (~read).sum()])
+    (count, unreadable), hits = all_sum(counts, world).long().tolist(), all_sum(hits, world)
     model.train(was_training)
-    if count != len(loader.dataset):
-        raise RuntimeError(f"evaluated {count} val images, expected {len(loader.dataset)}")
-    result = {"val_images": count}
+    if count + unreadable != len(loader.dataset):
+        raise RuntimeError(f"evaluated {count} val images and skipped {unreadable}, expected {len(loader.dataset)}")
+    result = {"val_images": count, **({"val_bad_images": unreadable} if unreadable else {})}
     for i, name in enumerate(names):
-        result[f"val_{name}_top1"], result[f"val_{name}_top5"] = (100 * hits[i] / count).tolist()
+        result[f"val_{name}_top1"], result[f"val_{name}_top5"] = (100 * hits[i] / max(1, count)).tolist()
     return result
 
 
