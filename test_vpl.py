@@ -670,17 +670,20 @@ SIGNAL_ON_CALL = f"""
 import os, signal, sys
 sys.path.insert(0, {HERE!r})
 import vpl
-def signal_on_call(name, n, rank, crash):  # in process `rank`, vpl.<name> sends SIGTERM (or raises) at call n
-    fn, calls = getattr(vpl, name), []
+def signal_on_call(name, n, rank, action):  # in process `rank`, call n of vpl.<name> gets SIGTERM, raises,
+    fn, calls = getattr(vpl, name), []      # or (train_step) gets images of NaN
     def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == n and os.environ.get("RANK", "0") == rank:
-            if crash:
+            if action == "crash":
                 raise RuntimeError("a simulated crash")
-            os.kill(os.getpid(), signal.SIGTERM)
+            if action == "nan":
+                args = (*args[:2], args[2] * float("nan"), *args[3:])
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
         return fn(*args, **kwargs)
     setattr(vpl, name, wrapped)
-signal_on_call(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "crash")
+signal_on_call(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
 vpl.main(sys.argv[5:])
 """
 
@@ -698,6 +701,15 @@ def test_sigterm_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(refe
     run_vpl(*TINY, "--out", out, "--resume")
     assert_same_weights(model_state(out), model_state(reference_run[0]))
     assert_same_log(out, reference_run[0])
+
+
+def test_a_nonfinite_forward_leaves_the_batchnorm_statistics_finite(tmp_path):
+    # a batch of NaN at step 3: the step is skipped, and the running statistics stay those of step 2
+    result = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, "train_step", "3", "0", "nan", *TINY,
+                             "--epochs", "1", "--out", str(tmp_path)], capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0 and "non-finite loss at step 2 in vit_ce, vit_kd, cnn_ce" in result.stdout
+    buffers = {k: v for k, v in model_state(str(tmp_path)).items() if "running" in k}
+    assert len(buffers) == 2 * 17 and all(v.isfinite().all() for v in buffers.values())  # 17 BatchNorms
 
 
 def test_a_failed_write_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):

@@ -791,6 +791,25 @@ def ema_update(ema_tensors, model_tensors, decay):
             e.copy_(m)
 
 
+class FiniteBuffers:
+    """Holds a module's floating buffers (BatchNorm's running statistics) at their last finite values: a
+    non-finite forward, whose update the scaler skips, would leave them NaN for good. Call it after each
+    optimizer step; it runs on the device, with no host sync."""
+
+    def __init__(self, module):
+        self.buffers = [b for b in module.buffers() if b.is_floating_point()]
+        self.good = self.flat()
+
+    def flat(self):
+        return torch.cat([b.flatten() for b in self.buffers]) if self.buffers else torch.zeros(0)
+
+    def __call__(self):
+        now = self.flat()
+        self.good = torch.where(now.isfinite().all(), now, self.good)
+        parts = self.good.split([b.numel() for b in self.buffers])
+        torch._foreach_copy_(self.buffers, [p.view_as(b) for p, b in zip(parts, self.buffers)])
+
+
 def to_host_async(tensor):
     """Starts copying a CUDA tensor to the host; returns a function that waits for the copy and gives a
     list. Read a step late, the GPU never idles waiting for the host."""
@@ -1263,6 +1282,7 @@ def run(cfg):
             ema.load_state_dict(ckpt["ema"])
     # state_dict() values share storage with the live tensors (loading copies in place): made once, kept
     ema_tensors = (list(ema.state_dict().values()), list(pair.state_dict().values())) if ema else None
+    keep_finite = FiniteBuffers(pair)  # after the resume: its statistics are the last finite ones
     step_model = torch.compile(pair) if compile_ else pair  # compile the plain module, then wrap in DDP
     model = DDP(step_model, device_ids=[device.index] if cuda else None) if world > 1 else step_model
     history, log_path = [], os.path.join(cfg.out, "log.jsonl")
@@ -1352,6 +1372,7 @@ def run(cfg):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
             apply_step([opt_vit, opt_cnn], scaler, cfg.clip_grad, fp16)
+            keep_finite()
             if ema is not None:  # after a skipped step the weights are unchanged, and so averaged again
                 ema_update(*ema_tensors, cfg.ema)
             progress.names, bad_since_step = list(terms), 0
