@@ -1234,10 +1234,13 @@ def run(cfg):
         torch.backends.cudnn.benchmark = True  # one image size: cuDNN times its algorithms once, keeps the fastest
     amp_dtype, compile_ = choose_precision(cfg, device, log)
     ckpt_path = os.path.join(cfg.out, "last.pt")
-    resume = cfg.resume or cfg.eval_only or (cfg.auto_resume and os.path.exists(ckpt_path))
-    if resume and not os.path.exists(ckpt_path):
+    seen = round(all_sum(torch.tensor(float(os.path.exists(ckpt_path)), device=device), world).item())
+    if 0 < seen < world:  # all ranks must take the same path, or they wait for each other forever
+        raise UserError(f"{ckpt_path} is seen by {seen} of {world} processes: --out must be a folder that all share")
+    resume = cfg.resume or cfg.eval_only or (cfg.auto_resume and seen > 0)
+    if resume and not seen:
         raise UserError(f"{ckpt_path}: no checkpoint to resume from (drop --resume to start afresh)")
-    if not resume and not cfg.bench and os.path.exists(ckpt_path):
+    if not resume and not cfg.bench and seen:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
 
     if cfg.bench and cfg.data in DATASETS:  # synthetic batches: no data set to build
