@@ -666,8 +666,10 @@ def worker_signals(main_pid, _worker_id):
 def build_loaders(cfg, train_set, val_set, rank, world, cuda):
     """This rank's train loader (a shuffled shard, whole batches) and val loader (every world-th image)."""
     sampler = EpochSampler(train_set, world, rank, cfg.seed)
+    # fork: a spawned worker's interpreter starts threads before worker_signals could block SIGTERM in them
+    fork = "fork" if cfg.workers > 0 and hasattr(signal, "sigwaitinfo") else None
     common = dict(num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0,
-                  worker_init_fn=functools.partial(worker_signals, os.getpid()))
+                  worker_init_fn=functools.partial(worker_signals, os.getpid()), multiprocessing_context=fork)
     train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True,
                        generator=torch.Generator().manual_seed(cfg.seed + rank), **common)
     # val: a plain shard per rank, no padding, so that each image is counted exactly once
@@ -804,6 +806,8 @@ class FiniteBuffers:
         return torch.cat([b.flatten() for b in self.buffers]) if self.buffers else torch.zeros(0)
 
     def __call__(self):
+        if not self.buffers:  # a ViT+ViT pair: LayerNorms hold no statistics
+            return
         now = self.flat()
         self.good = torch.where(now.isfinite().all(), now, self.good)
         parts = self.good.split([b.numel() for b in self.buffers])
