@@ -408,13 +408,20 @@ def test_ema_added_on_resume_starts_from_the_resumed_weights(reference_run, tmp_
 
 def test_augmentation_strength_is_deits():
     # DeiT's rand-m9 is on timm's 0-10 scale: magnitude 9 rotates by 9/10 of 30 degrees and shears by 9/10
-    # of 0.3 (torchvision's default 31 bins would give 9/30); its RandomErasing fills with noise per pixel
+    # of 0.3 (torchvision's default 31 bins would give 9/30); each of its two ops is applied with probability
+    # 0.5, so a quarter of the images or more pass unchanged; its RandomErasing fills with noise per pixel
     from torchvision.transforms import v2
     train, _ = vpl.build_transforms(vpl.Config(img_size=224, randaug=9, reprob=1.0), from_files=True)
-    randaug = next(t for t in train.transforms if isinstance(t, v2.RandAugment))
+    randaug = next(t.transforms[0] for t in train.transforms if isinstance(t, v2.RandomApply))
     for op, expected in (("Rotate", 27.0), ("ShearX", 0.27)):
         levels = randaug._AUGMENTATION_SPACE[op][0](randaug.num_magnitude_bins, 224, 224)  # torchvision's table
         assert levels[randaug.magnitude].item() == pytest.approx(expected), op
+    augment = v2.Compose([t for t in train.transforms if isinstance(t, v2.RandomApply)])
+    image, unchanged = (torch.rand(3, 48, 48) * 255).to(torch.uint8), 0
+    torch.manual_seed(0)
+    for _ in range(400):
+        unchanged += torch.equal(augment(image), image)
+    assert 0.2 < unchanged / 400 < 0.35, unchanged  # timm's rand-m9-mstd0.5-inc1: 0.27
     erased = train.transforms[-1](torch.zeros(3, 224, 224))
     assert erased[erased != 0].std() > 0.5  # normal noise, not a constant
 

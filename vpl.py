@@ -590,11 +590,12 @@ def build_transforms(cfg, from_files):
         train, val = [v2.RandomCrop(size, padding=size // 8)], []
         if cfg.data != "demo":  # the demo's glyphs are chiral: a mirrored glyph is another shape
             train.append(v2.RandomHorizontalFlip())
-    # RandAugment on timm's scale (DeiT's rand-m9: 9 of 10, rotation 27 degrees), not torchvision's 9 of 30;
-    # the ground an op uncovers is the mean colour, as in timm; bilinear, as bicubic fails on tensors
+    # RandAugment as timm's (DeiT's rand-m9): two ops, each applied with probability 0.5, magnitude 9 of 10
+    # (rotation 27 degrees), not torchvision's 9 of 30; the uncovered ground is the mean colour; bilinear, as
+    # bicubic fails on tensors
     fill = [round(255 * m) for m in MEAN]
-    train += [v2.RandAugment(magnitude=cfg.randaug, num_magnitude_bins=11, interpolation=InterpolationMode.BILINEAR,
-                             fill=fill)] if cfg.randaug else []
+    op = v2.RandAugment(1, cfg.randaug, 11, interpolation=InterpolationMode.BILINEAR, fill=fill)
+    train += [v2.RandomApply([op], p=0.5), v2.RandomApply([op], p=0.5)] if cfg.randaug else []
     tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
     erase = [v2.RandomErasing(cfg.reprob, value="random")] if cfg.reprob else []  # noise per pixel, as DeiT
     return v2.Compose(train + tensor + erase), v2.Compose(val + tensor)
@@ -728,7 +729,7 @@ def param_groups(module, weight_decay):
 
 
 def build_optimizer(arch, modules, cfg, global_batch, cuda):
-    """AdamW for a ViT (DeiT's lr rule: per 512 images), SGD-Nesterov for a ResNet (per 1024).
+    """AdamW for a ViT (DeiT's lr rule: per 512 images), SGD with momentum for a ResNet (per 1024).
     Returns the optimizer, its peak lr and its final lr."""
     fused = {"fused": True} if cuda else {}
     groups = [g for m in modules for g in param_groups(m, cfg.wd_vit if arch.startswith("vit") else cfg.wd_cnn)]
@@ -736,7 +737,7 @@ def build_optimizer(arch, modules, cfg, global_batch, cuda):
         peak = cfg.lr_vit * global_batch / 512
         return torch.optim.AdamW(groups, lr=peak, **fused), peak, cfg.min_lr_vit
     peak = cfg.lr_cnn * global_batch / 1024
-    return torch.optim.SGD(groups, lr=peak, momentum=0.9, nesterov=True, **fused), peak, 0.0
+    return torch.optim.SGD(groups, lr=peak, momentum=0.9, **fused), peak, 0.0
 
 
 def lr_at(step, total, warmup, peak, final):
