@@ -5,9 +5,11 @@ import math
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
@@ -300,6 +302,16 @@ def test_pair_weight_zero_gives_plain_cross_entropy():
     assert torch.isfinite(vpl.PairLoss()(out, soft, 0.5)[0])
 
 
+def test_at_pair_weight_zero_a_nan_vit_leaves_the_cnns_gradient_finite():
+    pair, target = tiny_pair(), torch.randint(10, (4,))
+    with torch.no_grad():
+        pair.vit.head.weight.fill_(float("nan"))
+    cnn = list(pair.cnn.parameters())
+    for a, finite in ((0.0, True), (0.2, False)):  # with a > 0 the ViT teaches the CNN: NaN is passed on
+        total, _ = vpl.PairLoss()(pair(torch.randn(4, 3, 32, 32)), target, a)
+        assert all(g.isfinite().all() for g in grads(total, cnn)) == finite, a
+
+
 @pytest.mark.parametrize("progress", [0.0, 0.3, 0.9])
 def test_every_parameter_gets_a_gradient_in_every_stage(progress):
     pair = tiny_pair(drop_path=0.1)
@@ -532,7 +544,7 @@ def test_gpus_without_bf16_units_fall_back_to_fp16(monkeypatch, capability, dtyp
     # a V100 (7.0) has no bf16 units (is_bf16_supported() still says yes: emulation); an A100 (8.0) has
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     said = []
-    amp_dtype, _ = vpl.choose_precision(vpl.Config(), torch.device("cuda"), said.append)
+    amp_dtype, _ = vpl.choose_precision(vpl.Config(), torch.device("cuda"), lambda line, **kwargs: said.append(line))
     assert amp_dtype == dtype and (("no bf16" in " ".join(said)) == (dtype == torch.float16))
 
 
@@ -569,14 +581,23 @@ def write_image_folder(root, per_class, size=40, corrupt=()):
 FOLDER_ARGS = ["--preset", "demo", "--batch-size", "8", "--workers", "0", "--log-every", "1"]
 
 
+def png_header(width, height):  # a PNG that claims this size and holds no pixels
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    size = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return b"\x89PNG\r\n\x1a\n" + size + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
 def test_image_folder_trains_and_a_corrupt_image_is_replaced_or_left_out_with_a_warning(tmp_path):
     data, out = tmp_path / "data", str(tmp_path / "out")
-    write_image_folder(data, 104, corrupt=[("train", "ant", 3), ("val", "bee", 1)])  # train: 1 of 208, < 1%
+    write_image_folder(data, 104, corrupt=[("train", "ant", 3), ("val", "bee", 1)])  # train: 2 of 208, < 1%
+    (data / "train" / "bee" / "5.png").write_bytes(png_header(20000, 20000))  # PIL's DecompressionBombError
     result = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", out)
     warnings = [line for line in result.stderr.splitlines() if "unreadable image" in line]
-    assert len(warnings) == 2 and os.path.join("ant", "3.png") in warnings[0], warnings
+    assert len(warnings) == 3 and os.path.join("ant", "3.png") in warnings[0], warnings
+    assert "DecompressionBombError" in "".join(warnings)
     log = read_log(out)[0]
-    assert log["bad_images"] == 1 and log["val_images"] == 7 and log["val_bad_images"] == 1
+    assert log["bad_images"] == 2 and log["val_images"] == 7 and log["val_bad_images"] == 1
     # the unreadable val image is left out, not replaced: the same as evaluating without it
     os.remove(data / "val" / "bee" / "1.png")
     evaluated = json.loads(run_vpl("--data", str(data), *FOLDER_ARGS, "--out", out, "--eval-only").stdout.splitlines()[-1])
@@ -593,7 +614,7 @@ def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path):
     write_image_folder(data, 12, corrupt=[("train", "bee", i) for i in range(4)])
     result = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "2", "--out", out, "--resume", check=False)
     assert result.returncode == 3
-    assert "unreadable images this epoch" in result.stdout
+    assert "unreadable images this epoch" in result.stderr
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
 
 
@@ -612,6 +633,9 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
     shutil.copytree(reference_run[0], other)
     (d / "foreign").mkdir()
     torch.save({"weight": torch.zeros(1)}, d / "foreign" / "last.pt")  # a readable file, but no vpl checkpoint
+    (d / "tensor").mkdir()
+    torch.save(torch.zeros(2), d / "tensor" / "last.pt")  # a readable file, but no dict
+    (d / "a_file").write_text("hello")  # torch.load of it raises a KeyError
     cases = {
         "missing path": ["--data", str(d / "nowhere")],
         "no val split": ["--data", str(d / "no_val")],
@@ -635,6 +659,16 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "randaug beyond its scale": ["--randaug", "11"],
         "fresh run over a checkpoint": [*TINY, "--out", str(other)],
         "init from a file that is no checkpoint": ["--init-vit", VPL],
+        "init from a text file": ["--init-vit", str(d / "a_file")],
+        "init from a tensor": ["--init-cnn", str(d / "tensor" / "last.pt")],
+        "resume a tensor": [*TINY, "--resume", "--out", str(d / "tensor")],
+        "eval-only without checkpoint": ["--eval-only", "--out", str(d / "empty")],
+        "out is a file": [*TINY, "--out", str(d / "a_file")],
+        "lr of NaN": ["--lr-vit", "nan"],
+        "infinite temperature": ["--pair-temp", "inf"],
+        "warm-up of NaN": ["--warmup-epochs", "nan"],
+        "seed beyond 64 bits": ["--seed", "99999999999999999999"],
+        "no val images": ["--demo-val", "0"],
         "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -656,7 +690,7 @@ def test_nonfinite_loss_stops_naming_the_term_and_keeps_the_checkpoint(reference
     result = run_vpl(*TINY, "--out", out, "--resume", "--epochs", "3", "--lr-vit", "1e30", "--max-bad-steps", "2",
                      check=False)
     assert result.returncode == 3, result.stderr[-2000:]
-    assert "non-finite loss at step" in result.stdout and "vit_ce" in result.stdout
+    assert "non-finite loss at step" in result.stderr and "vit_ce" in result.stderr
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
 
 
@@ -729,7 +763,7 @@ def test_a_nonfinite_forward_leaves_the_batchnorm_statistics_finite(tmp_path, pa
                              "--epochs", "1", "--cnn", partner, "--out", str(tmp_path)],
                             capture_output=True, text=True, cwd=HERE)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "non-finite loss at step 2 in vit_ce, vit_kd, cnn_ce" in result.stdout
+    assert "non-finite loss at step 2 in vit_ce, vit_kd, cnn_ce" in result.stderr
     buffers = {k: v for k, v in model_state(str(tmp_path)).items() if "running" in k}
     assert len(buffers) == 2 * batchnorms and all(v.isfinite().all() for v in buffers.values())
 

@@ -23,7 +23,6 @@ import itertools
 import json
 import math
 import os
-import pickle
 import signal
 import statistics
 import sys
@@ -89,7 +88,7 @@ class Config:
     stages: str = flag("0.1,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
     ramp: float = flag(0.05, "fraction of training over which a ramps up at the start of stage 2")
     # system
-    device: str = flag("auto", "auto, cpu, cuda")
+    device: str = flag("auto", "cuda: this process's GPU (LOCAL_RANK); auto: cuda if there is one", ["auto", "cpu", "cuda"])
     amp: str = flag("auto", "autocast dtype (auto: bf16 on CUDA, off on the CPU)", ["auto", "off", "bf16", "fp16"])
     compile: str = flag("auto", "torch.compile the pair (auto: on CUDA)", ["auto", "on", "off"])
     sync_bn: bool = flag(False, "SyncBatchNorm in the CNN (CUDA, several GPUs)")
@@ -145,17 +144,20 @@ def parse_config(argv=None):
 
 def check_config(cfg):
     """Raises UserError naming the first flag whose value makes no sense."""
-    for name in ("batch_size", "accum_steps", "epochs", "log_every", "img_size", "max_bad_steps"):
+    for f in fields(cfg):  # NaN passes every comparison below, and inf makes no sense anywhere
+        if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
+            raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise UserError(f"--seed must be in [0, 2^32), got {cfg.seed}")
+    for name in ("batch_size", "accum_steps", "epochs", "log_every", "img_size", "max_bad_steps", "demo_val"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("max_steps", "workers", "warmup_epochs", "clip_grad", "mixup", "cutmix", "randaug", "demo_val",
+    for name in ("max_steps", "workers", "warmup_epochs", "clip_grad", "mixup", "cutmix", "randaug",
                  "lr_vit", "lr_cnn", "min_lr_vit", "wd_vit", "wd_cnn"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.randaug > 10:
         raise UserError(f"--randaug must be at most 10 (the scale of DeiT's rand-m9), got {cfg.randaug}")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {cfg.device!r}")
     if not 0 <= cfg.ema < 1 or not 0 <= cfg.reprob <= 1 or not 0 <= cfg.label_smoothing < 1 or not 0 <= cfg.drop_path < 1:
         raise UserError("--ema, --label-smoothing and --drop-path must be in [0, 1), --reprob in [0, 1]")
     patch = max(4 if "tiny" in arch else 16 for arch in (cfg.vit, cfg.cnn) if arch.startswith("vit"))
@@ -474,9 +476,9 @@ class PairLoss(nn.Module):
                  "cnn_ce": ce(out["cnn"]), "cnn_kd": kd_loss(out["cnn"], cnn_teacher, self.temperature),
                  "pair_ce": ce(out["pair"])}
         a = pair_weight
-        total = ((1 - a) * (terms["vit_ce"] + terms["cnn_ce"]) + a * (terms["vit_kd"] + terms["cnn_kd"])
-                 + terms["pair_ce"])
-        return total, terms
+        # at a = 0 the partner terms are left out, not multiplied by 0: a branch gone NaN would make 0 * NaN
+        kd = a * (terms["vit_kd"] + terms["cnn_kd"]) if a > 0 else 0.0
+        return (1 - a) * (terms["vit_ce"] + terms["cnn_ce"]) + kd + terms["pair_ce"], terms
 
 
 class PairSchedule:
@@ -535,8 +537,8 @@ def make_demo(n, seed, img_size=32, classes=10):
 
 class Augmented(Dataset):
     """Wraps a dataset: item (epoch, i) is base[i] transformed with an RNG seeded from (seed, epoch, i),
-    so a run's augmentation does not depend on workers or on where it resumed. An unreadable image
-    is reported once and replaced by the next readable one; the third output flags that."""
+    so a run's augmentation does not depend on workers or on where it resumed. An unreadable image is
+    reported once and replaced by the next readable one; the third output flags that (evaluation leaves it out)."""
 
     def __init__(self, base, transform, seed):
         self.base, self.transform, self.seed, self.warned = base, transform, seed, set()
@@ -551,11 +553,11 @@ class Augmented(Dataset):
             try:
                 image, label = self.base[j]
                 break
-            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt or truncated files
+            except Exception as e:  # PIL's errors for corrupt, truncated or oversized (decompression bomb) files
                 if j not in self.warned:
                     self.warned.add(j)
                     path = self.base.samples[j][0] if hasattr(self.base, "samples") else j
-                    print(f"vpl: warning: unreadable image {path} ({type(e).__name__}); using another", file=sys.stderr)
+                    print(f"vpl: warning: unreadable image {path} ({type(e).__name__}); skipped", file=sys.stderr)
         else:
             raise RuntimeError(f"16 unreadable images in a row from index {index}")
         with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG stays untouched; GPUs are not touched
@@ -897,13 +899,16 @@ def rng_state(world):
 
 
 def load_checkpoint(path):
-    """torch.load with weights_only=True; an unreadable file is a one-line error."""
+    """torch.load with weights_only=True of a file that must hold a dict; anything else is a one-line error."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a file that is not a checkpoint fails in many ways: KeyError, IndexError, ...
         raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: holds a {type(state).__name__}, not a dict of weights")
+    return state
 
 
 def load_branch_weights(model, state_dict):
@@ -1051,7 +1056,7 @@ class Progress:
         self.bad_steps = self.bad_steps + 1 if nonfinite else 0
         if nonfinite:
             self.log(f"vpl: warning: non-finite loss at step {flight.step} in {', '.join(nonfinite)}: its gradients "
-                     f"were not applied ({self.bad_steps}/{cfg.max_bad_steps} in a row)")
+                     f"were not applied ({self.bad_steps}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
         else:
             self.sums = [s + v for s, v in zip(self.sums, values)] if self.sums else values
             self.finite_steps += 1
@@ -1060,11 +1065,11 @@ class Progress:
                 self.print_line(flight, values)
         if self.bad_steps >= cfg.max_bad_steps:
             self.log(f"vpl: error: {self.bad_steps} non-finite steps in a row (last in {', '.join(nonfinite)}); "
-                     f"stopping. {self.ckpt_path} holds the last good state: lower the lr or try --amp bf16.")
+                     f"stopping. {self.ckpt_path} holds the last good state: lower the lr or try --amp bf16.", file=sys.stderr)
             return "nonfinite"
         if self.bad_images > 0.01 * self.train_size:
             self.log(f"vpl: error: {self.bad_images} unreadable images this epoch (> 1%): check --data; "
-                     f"{self.ckpt_path} is left as it was")
+                     f"{self.ckpt_path} is left as it was", file=sys.stderr)
             return "bad_images"
         return "signal" if flags[-1] else None
 
@@ -1096,11 +1101,11 @@ def choose_precision(cfg, device, log):
     cuda = device.type == "cuda"
     amp = cfg.amp if cfg.amp != "auto" else ("bf16" if cuda else "off")
     if amp == "bf16" and cuda and torch.cuda.get_device_capability(device) < (8, 0):  # bf16 units from Ampere (8.0) on
-        log("vpl: warning: this GPU has no bf16; using --amp fp16 with a GradScaler")
+        log("vpl: warning: this GPU has no bf16; using --amp fp16 with a GradScaler", file=sys.stderr)
         amp = "fp16"
     compile_ = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
     if compile_ and not torch._dynamo.is_dynamo_supported():
-        log("vpl: warning: torch.compile is not supported on this Python/platform; running eager")
+        log("vpl: warning: torch.compile is not supported on this Python/platform; running eager", file=sys.stderr)
         compile_ = False
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp], compile_
 
@@ -1244,9 +1249,14 @@ def run(cfg):
         raise UserError(f"{ckpt_path} is seen by {seen} of {world} processes: --out must be a folder that all share")
     resume = cfg.resume or cfg.eval_only or (cfg.auto_resume and seen > 0)
     if resume and not seen:
-        raise UserError(f"{ckpt_path}: no checkpoint to resume from (drop --resume to start afresh)")
+        raise UserError(f"{ckpt_path}: no checkpoint" + ("" if cfg.eval_only else " to resume from (drop --resume to start afresh)"))
     if not resume and not cfg.bench and seen:
         raise UserError(f"{ckpt_path} exists: pass --resume to continue it, or choose another --out")
+    if not cfg.bench and not cfg.eval_only:  # before the data and models are built
+        try:
+            os.makedirs(cfg.out, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--out {cfg.out}: cannot make that folder ({e.strerror or e})") from None
 
     if cfg.bench and cfg.data in DATASETS:  # synthetic batches: no data set to build
         return bench(cfg, device, amp_dtype, compile_, None, 1000 if cfg.preset == "imagenet" else 10, log)
@@ -1324,7 +1334,6 @@ def run(cfg):
     # STAGE 5: train, evaluate, save, every epoch ---------------------------------------------------------
     stop_signal = threading.Event()  # SIGTERM/SIGINT: finish the step, save, exit
     old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    os.makedirs(cfg.out, exist_ok=True)
     progress = Progress(cfg, rank, world, steps_per_epoch, len(train_set), ckpt_path, log, cuda, scaler if fp16 else None)
     first_step, stopped = step, None
 
