@@ -1,5 +1,6 @@
 """Promises vpl.py keeps, one per test. CPU only, tiny configurations, nothing downloaded.
 Run: python -m pytest -q test_vpl.py"""
+import collections
 import json
 import math
 import os
@@ -436,6 +437,26 @@ def test_augmentation_strength_is_deits():
     assert 0.2 < unchanged / 400 < 0.35, unchanged  # timm's rand-m9-mstd0.5-inc1: 0.27
     erased = train.transforms[-1](torch.zeros(3, 224, 224))
     assert erased[erased != 0].std() > 0.5  # normal noise, not a constant
+
+
+def test_epoch_sampler_is_distributed_samplers_order_and_repeats_each_image_with_its_own_seeds():
+    from torch.utils.data import DistributedSampler
+    data = list(range(61))
+    for rank in (0, 1):  # no repeats: torch's own sampler (shuffled, whole shares only)
+        ours, torchs = vpl.EpochSampler(data, 2, rank, 5), DistributedSampler(data, 2, rank, True, 5, drop_last=True)
+        ours.set_epoch(3), torchs.set_epoch(3)
+        assert list(ours) == [(3, i) for i in torchs]
+    shares = []
+    for rank in (0, 1):  # 3 repeats: as many draws per rank, a third of the images, each 3 times
+        sampler = vpl.EpochSampler(data, 2, rank, 5, repeats=3)
+        sampler.set_epoch(3)
+        shares.append(list(sampler))
+    assert [len(share) for share in shares] == [30, 30]
+    images = collections.Counter(i for _, i in shares[0] + shares[1])
+    assert len(images) == 20 and set(images.values()) == {3}
+    assert len(set(shares[0] + shares[1])) == 60  # each copy is augmented with its own seed
+    in_order = [i for keys in zip(*shares) for _, i in keys]  # rank 0's first, rank 1's first, rank 0's second, ...
+    assert in_order == [in_order[3 * (k // 3)] for k in range(60)]  # the 3 copies of an image are side by side
 
 
 def test_data_loaders_leave_the_global_rng_alone():

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -79,6 +79,7 @@ class Config:
     mixup: float = flag(0.0, "MixUp alpha (0: off)")
     cutmix: float = flag(0.0, "CutMix alpha (0: off)")
     randaug: int = flag(0, "RandAugment magnitude, 0-10 as DeiT's 'rand-m9' (0: off)")
+    repeat_aug: int = flag(1, "repeated augmentation: an epoch takes 1/N of the images, N copies of each (1: off)")
     reprob: float = flag(0.0, "RandomErasing probability")
     ema: float = flag(0.0, "EMA decay per step of both branches (0: off)")
     # pair learning
@@ -108,7 +109,7 @@ PRESETS = {
     # ViT: DeiT-B (arXiv 2012.12877); ResNet: torchvision's current recipe; data as DeiT.
     "imagenet": dict(vit="vit_b_16", cnn="resnet50", img_size=224, epochs=300, batch_size=128,
                      workers=10, lr_vit=5e-4, lr_cnn=0.5, wd_cnn=2e-5, warmup_epochs=5.0,
-                     mixup=0.8, cutmix=1.0, randaug=9, reprob=0.25, log_every=100),
+                     mixup=0.8, cutmix=1.0, randaug=9, reprob=0.25, repeat_aug=3, log_every=100),
 }
 DATASETS = ("demo", "cifar10", "cifar100")
 
@@ -149,7 +150,7 @@ def check_config(cfg):
             raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
     if not 0 <= cfg.seed < 2 ** 32:
         raise UserError(f"--seed must be in [0, 2^32), got {cfg.seed}")
-    for name in ("batch_size", "accum_steps", "epochs", "log_every", "img_size", "max_bad_steps", "demo_val"):
+    for name in ("batch_size", "accum_steps", "epochs", "log_every", "img_size", "max_bad_steps", "demo_val", "repeat_aug"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_steps", "workers", "warmup_epochs", "clip_grad", "mixup", "cutmix", "randaug",
@@ -565,16 +566,23 @@ class Augmented(Dataset):
             return self.transform(image), int(label), int(attempt > 0)
 
 
-class EpochSampler(DistributedSampler):
-    """DistributedSampler that yields (epoch, index) keys for Augmented, and can start `start` samples
-    into the epoch (resuming mid-epoch)."""
+class EpochSampler(Sampler):
+    """This rank's share of a shuffled epoch, as (draw, index) keys for Augmented: whole shares only (as
+    DistributedSampler with drop_last), from `start` on (resuming mid-epoch). With repeats N (repeated
+    augmentation, arXiv 1901.09335, as DeiT's RASampler) an epoch takes 1/N of the images, N copies of each,
+    side by side in the global order (so on neighbouring ranks), each copy drawn with its own seed."""
 
-    def __init__(self, dataset, world, rank, seed):
-        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0
+    def __init__(self, dataset, world, rank, seed, repeats=1):
+        self.size, self.world, self.rank, self.seed, self.repeats = len(dataset), world, rank, seed, repeats
+        self.num_samples, self.epoch, self.start = len(dataset) // world, 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
 
     def __iter__(self):
-        return iter([(self.epoch, i) for i in list(super().__iter__())[self.start:]])
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        keys = [(self.epoch * self.repeats + copy, i) for i in order for copy in range(self.repeats)]
+        return iter(keys[self.rank::self.world][self.start:self.num_samples])
 
     def __len__(self):
         return self.num_samples - self.start
@@ -668,7 +676,7 @@ def worker_signals(main_pid, _worker_id):
 
 def build_loaders(cfg, train_set, val_set, rank, world, cuda):
     """This rank's train loader (a shuffled shard, whole batches) and val loader (every world-th image)."""
-    sampler = EpochSampler(train_set, world, rank, cfg.seed)
+    sampler = EpochSampler(train_set, world, rank, cfg.seed, cfg.repeat_aug)
     # fork: a spawned worker's interpreter starts threads before worker_signals could block SIGTERM in them
     fork = "fork" if cfg.workers > 0 and hasattr(signal, "sigwaitinfo") else None
     common = dict(num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0,
