@@ -238,6 +238,24 @@ def test_one_backward_gives_each_branch_the_gradient_of_its_own_loss(teacher):
             assert torch.allclose(g_total, g_own, atol=1e-6)
 
 
+def test_lr_warms_up_linearly_then_follows_the_cosine_and_scales_with_the_global_batch():
+    lr = lambda step: vpl.lr_at(step, 110, 10, 1.0, 0.1)  # noqa: E731  (110 steps, 10 of warm-up, peak 1, end 0.1)
+    assert [lr(0), lr(4), lr(9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [lr(10), lr(60), lr(110)] == pytest.approx([1.0, 0.55, 0.1])  # cosine: peak, halfway, end
+    (_, peak_vit, end_vit), (_, peak_cnn, end_cnn) = vpl.build_optimizers(vpl.Config(), tiny_pair(), 2048, False)
+    assert (peak_vit, end_vit, peak_cnn, end_cnn) == pytest.approx((4e-3 * 4, 1e-5, 0.8 * 2, 0.0))
+
+
+def test_weight_decay_falls_on_the_weights_of_linear_and_conv_layers_only():
+    pair = tiny_pair()
+    (opt_vit, _, _), (opt_cnn, _, _) = vpl.build_optimizers(vpl.Config(), pair, 64, False)
+    decayed = {id(p) for opt in (opt_vit, opt_cnn) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    layers = {id(m.weight) for m in pair.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    assert decayed == layers
+    owners = [id(p) for opt in (opt_vit, opt_cnn) for g in opt.param_groups for p in g["params"]]
+    assert sorted(owners) == sorted(id(p) for p in pair.parameters())  # each parameter in one optimizer
+
+
 def test_apply_step_skips_only_the_optimizer_with_nonfinite_gradients():
     torch.manual_seed(0)
     a, b = nn.Linear(4, 2), nn.Linear(4, 2)
@@ -468,6 +486,24 @@ def test_data_loaders_leave_the_global_rng_alone():
         state = torch.get_rng_state()
         next(iter(train)), list(val)
         assert torch.equal(state, torch.get_rng_state())  # so drop-path masks do not depend on them
+
+
+def test_evaluate_gives_the_top1_and_top5_computed_by_hand():
+    cfg = vpl.Config(demo_train=16, demo_val=37, batch_size=8, workers=0)
+    train_set, val_set, _ = vpl.build_datasets(cfg)
+    _, val_loader = vpl.build_loaders(cfg, train_set, val_set, 0, 1, False)
+    pair = tiny_pair()
+    result = vpl.evaluate(pair, val_loader, torch.device("cpu"), None, 1)
+    assert pair.training and result["val_images"] == 37
+    items = [val_set[(0, i)] for i in range(37)]  # (image, label, unreadable)
+    images, labels = torch.stack([image for image, _, _ in items]), torch.tensor([label for _, label, _ in items])
+    with torch.no_grad():
+        out = pair.eval()(images)
+    out["ens"] = (out["vit"].softmax(-1) + out["cnn"].softmax(-1)) / 2
+    for name in ("vit", "cnn", "pair", "ens"):
+        ranked = out[name].argsort(dim=1, descending=True)
+        assert result[f"val_{name}_top1"] == pytest.approx(100 * (ranked[:, 0] == labels).float().mean().item())
+        assert result[f"val_{name}_top5"] == pytest.approx(100 * (ranked[:, :5] == labels[:, None]).any(1).float().mean().item())
 
 
 def test_eval_only_reproduces_the_logged_accuracies(reference_run):
