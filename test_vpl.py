@@ -4,6 +4,7 @@ import collections
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import struct
@@ -918,8 +919,14 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_bit_identically(referen
 def test_bench_prints_every_figure(capsys, tmp_path):
     vpl.main(["--bench", "--batch-size", "4"])
     printed = capsys.readouterr().out
-    for figure in ("ViT:", "CNN:", "pair:", "img/s", "spread", "GFLOP/img", "pair overhead"):
-        assert figure in printed, figure
+    rows = {m[0]: [float(v) for v in m[1:]] for m in re.findall(
+        r"(ViT|CNN|pair): +([\d.e+]+) img/s, \d+ ms/step \(spread ([\d.e+]+)-([\d.e+]+)\).*?, ([\d.e+-]+) GFLOP/img", printed)}
+    assert set(rows) == {"ViT", "CNN", "pair"}, printed
+    for median, low, high, _ in rows.values():
+        assert 0 < low <= median <= high
+    # the pair step counts both branches' FLOPs and its small head's
+    assert 0.99 <= rows["pair"][3] / (rows["ViT"][3] + rows["CNN"][3]) <= 1.05  # printed to 3 digits
+    assert re.search(r"pair overhead vs ViT \+ CNN alone: [+-]\d+\.\d%", printed), printed
     write_image_folder(tmp_path, 12)  # with --data, the input pipeline alone too
     vpl.main(["--bench", "--data", str(tmp_path), *FOLDER_ARGS])
     assert "input pipeline:" in capsys.readouterr().out

@@ -1167,6 +1167,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
         optimizers = [optimizer for optimizer, _, _ in schedules]
         step_model = torch.compile(model) if compile_ else model
         criterion, in_flight = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing), []
+        keep_finite = FiniteBuffers(model)
 
         def step():
             if pair:  # as in training: the loss terms go to the host and are read a step late
@@ -1177,6 +1178,8 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
                     loss = F.cross_entropy(step_model(images).float(), targets)
                 scaler.scale(loss).backward()
             apply_step(optimizers, scaler, 0.0, fp16)
+            if pair:
+                keep_finite()
             if len(in_flight) > 1:
                 in_flight.pop(0)()
         first = timed(step, device, calls=1)  # compiles, if compiling
