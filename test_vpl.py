@@ -714,6 +714,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "resume without checkpoint": ["--resume", "--out", str(d / "empty")],
         "resume other models": [*TINY, "--resume", "--out", str(other), "--cnn", "vit_tiny"],
         "resume another global batch": [*TINY, "--resume", "--out", str(other), "--batch-size", "16"],
+        "resume with fewer epochs": [*TINY, "--resume", "--out", str(other), "--epochs", "1"],
+        "evaluate on another demo set": [*TINY, "--eval-only", "--out", str(other), "--seed", "3"],
         "resume a foreign checkpoint": [*TINY, "--resume", "--out", str(d / "foreign")],
         "drop-path of 1": ["--drop-path", "1"],
         "negative lr": ["--lr-vit", "-1"],

@@ -987,7 +987,8 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a vpl checkpoint")
     made, now = {**ckpt["config"], "classes": ckpt["num_classes"]}, {**asdict(cfg), "classes": num_classes}
-    for key in ("vit", "cnn", "img_size", "classes"):
+    demo = ("seed", "demo_train", "demo_val") if made["data"] == now["data"] == "demo" else ()  # the demo's images
+    for key in ("vit", "cnn", "img_size", "classes", *demo):
         if made[key] != now[key]:
             raise UserError(f"{path} was made with {key.replace('_', '-')} {made[key]}, not {now[key]}")
     if not cfg.eval_only and (ckpt["global_batch"], ckpt["world"]) != (global_batch, world):
@@ -1301,6 +1302,8 @@ def run(cfg):
     # STAGE 4: resume, the EMA, compile ----------------------------------------------------------------
     ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank) if resume else {}
     start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
+    if start_epoch > cfg.epochs and not cfg.eval_only:
+        raise UserError(f"{ckpt_path} has trained {start_epoch} epochs, more than --epochs {cfg.epochs}")
     best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
     # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
     with_ema = "ema" in ckpt if cfg.eval_only else cfg.ema > 0  # eval-only: whatever the checkpoint holds
