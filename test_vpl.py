@@ -698,6 +698,9 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
     (d / "tensor").mkdir()
     torch.save(torch.zeros(2), d / "tensor" / "last.pt")  # a readable file, but no dict
     (d / "a_file").write_text("hello")  # torch.load of it raises a KeyError
+    (d / "stopped").mkdir()  # as if stopped 3 steps into its second epoch
+    ckpt = torch.load(other / "last.pt", weights_only=True)
+    torch.save({**ckpt, "epoch": 1, "step_in_epoch": 3}, d / "stopped" / "last.pt")
     cases = {
         "missing path": ["--data", str(d / "nowhere")],
         "no val split": ["--data", str(d / "no_val")],
@@ -715,6 +718,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "resume other models": [*TINY, "--resume", "--out", str(other), "--cnn", "vit_tiny"],
         "resume another global batch": [*TINY, "--resume", "--out", str(other), "--batch-size", "16"],
         "resume with fewer epochs": [*TINY, "--resume", "--out", str(other), "--epochs", "1"],
+        "resume inside the last epoch of fewer": [*TINY, "--resume", "--out", str(d / "stopped"), "--epochs", "1"],
+        "resume with another data order": [*TINY, "--resume", "--out", str(other), "--repeat-aug", "2"],
         "evaluate on another demo set": [*TINY, "--eval-only", "--out", str(other), "--seed", "3"],
         "resume a foreign checkpoint": [*TINY, "--resume", "--out", str(d / "foreign")],
         "drop-path of 1": ["--drop-path", "1"],
@@ -830,6 +835,29 @@ def test_a_nonfinite_forward_leaves_the_batchnorm_statistics_finite(tmp_path, pa
     assert "non-finite loss at step 2 in vit_ce, vit_kd, cnn_ce" in result.stderr
     buffers = {k: v for k, v in model_state(str(tmp_path)).items() if "running" in k}
     assert len(buffers) == 2 * batchnorms and all(v.isfinite().all() for v in buffers.values())
+
+
+def test_mixup_rarely_pairs_an_image_with_its_repeated_copy(tmp_path):
+    # MixUp pairs neighbours in the batch, and on one process --repeat-aug's copies are neighbours: a target
+    # of one class would then be the rule (lam * y + (1 - lam) * y), not the chance of two images sharing one
+    script = f"""
+import sys, torch
+sys.path.insert(0, {HERE!r})
+import vpl
+step, targets = vpl.train_step, []
+def recording(*args, **kwargs):
+    targets.append(args[3])
+    return step(*args, **kwargs)
+vpl.train_step = recording
+vpl.main(sys.argv[1:])
+targets = torch.cat(targets)
+print((targets.max(1).values > 0.999).float().mean().item())
+"""
+    result = subprocess.run([sys.executable, "-c", script, *TINY, "--repeat-aug", "3", "--mixup", "0.8",
+                             "--label-smoothing", "0", "--max-steps", "6", "--out", str(tmp_path)],
+                            capture_output=True, text=True, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) < 0.3  # 10 classes: about 0.1 by chance; with copies paired, 0.7
 
 
 def test_a_failed_write_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):

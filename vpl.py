@@ -18,7 +18,6 @@ import collections
 import contextlib
 import copy
 import datetime
-import functools
 import itertools
 import json
 import math
@@ -581,8 +580,10 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        keys = [(self.epoch * self.repeats + copy, i) for i in order for copy in range(self.repeats)]
-        return iter(keys[self.rank::self.world][self.start:self.num_samples])
+        # position p of the epoch, over all ranks, is copy p % repeats of image order[p // repeats]; this rank's are
+        # p = rank, rank + world, ...
+        positions = range(self.rank + self.world * self.start, self.world * self.num_samples, self.world)
+        return iter([(self.epoch * self.repeats + p % self.repeats, order[p // self.repeats]) for p in positions])
 
     def __len__(self):
         return self.num_samples - self.start
@@ -657,7 +658,7 @@ def build_datasets(cfg):
     return Augmented(train, train_tf, cfg.seed), Augmented(val, val_tf, cfg.seed), classes
 
 
-def worker_signals(main_pid, _worker_id):
+def worker_signals(_worker_id):
     """A DataLoader worker ignores Ctrl-C, and SIGTERM from anyone but the main process: a scheduler signals
     the whole process group and the main process alone answers (it finishes the step and saves), while the
     main process's own SIGTERM (the shutdown of its loaders, also at interpreter exit) still ends the worker.
@@ -668,7 +669,7 @@ def worker_signals(main_pid, _worker_id):
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # pending SIGTERMs wait for the thread below
 
     def obey_main_process():
-        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != main_pid:
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != os.getppid():  # the main process forked it
             pass
         os._exit(0)
     threading.Thread(target=obey_main_process, daemon=True).start()
@@ -680,7 +681,7 @@ def build_loaders(cfg, train_set, val_set, rank, world, cuda):
     # fork: a spawned worker's interpreter starts threads before worker_signals could block SIGTERM in them
     fork = "fork" if cfg.workers > 0 and hasattr(signal, "sigwaitinfo") else None
     common = dict(num_workers=cfg.workers, pin_memory=cuda, persistent_workers=cfg.workers > 0,
-                  worker_init_fn=functools.partial(worker_signals, os.getpid()), multiprocessing_context=fork)
+                  worker_init_fn=worker_signals, multiprocessing_context=fork)
     train = DataLoader(train_set, cfg.batch_size, sampler=sampler, drop_last=True,
                        generator=torch.Generator().manual_seed(cfg.seed + rank), **common)
     # val: a plain shard per rank, no padding, so that each image is counted exactly once
@@ -913,7 +914,8 @@ def load_checkpoint(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file that is not a checkpoint fails in many ways: KeyError, IndexError, ...
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+        detail = (str(e).splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {detail})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: holds a {type(state).__name__}, not a dict of weights")
     return state
@@ -988,7 +990,9 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
         raise UserError(f"{path} lacks {', '.join(missing)}: not a vpl checkpoint")
     made, now = {**ckpt["config"], "classes": ckpt["num_classes"]}, {**asdict(cfg), "classes": num_classes}
     demo = ("seed", "demo_train", "demo_val") if made["data"] == now["data"] == "demo" else ()  # the demo's images
-    for key in ("vit", "cnn", "img_size", "classes", *demo):
+    order = () if cfg.eval_only else ("seed", "repeat_aug")  # the data order, which a resume continues
+    made = {**asdict(Config()), **made}  # a key that a checkpoint predates has its default (--repeat-aug 1)
+    for key in ("vit", "cnn", "img_size", "classes", *demo, *order):
         if made[key] != now[key]:
             raise UserError(f"{path} was made with {key.replace('_', '-')} {made[key]}, not {now[key]}")
     if not cfg.eval_only and (ckpt["global_batch"], ckpt["world"]) != (global_batch, world):
@@ -1269,6 +1273,8 @@ def run(cfg):
             os.makedirs(cfg.out, exist_ok=True)
         except OSError as e:
             raise UserError(f"--out {cfg.out}: cannot make that folder ({e.strerror or e})") from None
+        if not os.access(cfg.out, os.W_OK):
+            raise UserError(f"--out {cfg.out}: no write access")
 
     if cfg.bench and cfg.data in DATASETS:  # synthetic batches: no data set to build
         return bench(cfg, device, amp_dtype, compile_, None, 1000 if cfg.preset == "imagenet" else 10, log)
@@ -1302,8 +1308,8 @@ def run(cfg):
     # STAGE 4: resume, the EMA, compile ----------------------------------------------------------------
     ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank) if resume else {}
     start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
-    if start_epoch > cfg.epochs and not cfg.eval_only:
-        raise UserError(f"{ckpt_path} has trained {start_epoch} epochs, more than --epochs {cfg.epochs}")
+    if start_epoch + (step_in_epoch > 0) > cfg.epochs and not cfg.eval_only:
+        raise UserError(f"{ckpt_path} has trained {start_epoch + step_in_epoch / steps_per_epoch:g} epochs, more than --epochs {cfg.epochs}")
     best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
     # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
     with_ema = "ema" in ckpt if cfg.eval_only else cfg.ema > 0  # eval-only: whatever the checkpoint holds
@@ -1381,7 +1387,10 @@ def run(cfg):
                 with torch.random.fork_rng(devices=[]):  # MixUp/CutMix drawn from (seed, rank, step, micro-step)
                     mix_seed = ((cfg.seed * 1_000_003 + step) * 1009 + micro % cfg.accum_steps) * 1031 + rank
                     torch.default_generator.manual_seed(mix_seed % 2 ** 63)
-                    images, targets = mix(images, targets)
+                    # shuffled first: MixUp/CutMix pair neighbours, and --repeat-aug's copies of an image are neighbours
+                    order = torch.randperm(len(images))  # on one process (or fewer processes than copies)
+                    order = (order.pin_memory() if cuda else order).to(device, non_blocking=True)
+                    images, targets = mix(images[order], targets[order])
             last_micro = (micro + 1) % cfg.accum_steps == 0
             stage, a = pair_schedule(step / total_steps)
             with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
