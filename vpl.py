@@ -812,10 +812,10 @@ class FiniteBuffers:
 
     def __init__(self, module):
         self.buffers = [b for b in module.buffers() if b.is_floating_point()]
-        self.good = self.flat()
+        self.good = self.flat() if self.buffers else None
 
     def flat(self):
-        return torch.cat([b.flatten() for b in self.buffers]) if self.buffers else torch.zeros(0)
+        return torch.cat([b.flatten() for b in self.buffers])
 
     def __call__(self):
         if not self.buffers:  # a ViT+ViT pair: LayerNorms hold no statistics
@@ -849,7 +849,7 @@ def evaluate(model, loader, device, amp_dtype, world):
     counts = torch.zeros(2, device=device, dtype=torch.float64)  # (images evaluated, unreadable ones)
     for images, targets, replaced in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        read = (replaced == 0).to(device, non_blocking=True)  # an unreadable image's stand-in does not count
+        read = replaced.to(device, non_blocking=True) == 0  # an unreadable image's stand-in does not count
         with amp_context(device, amp_dtype):
             out = model(images)
         out["ens"] = (out["vit"].float().softmax(-1) + out["cnn"].float().softmax(-1)) / 2
@@ -1309,7 +1309,8 @@ def run(cfg):
     ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank) if resume else {}
     start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
     if start_epoch + (step_in_epoch > 0) > cfg.epochs and not cfg.eval_only:
-        raise UserError(f"{ckpt_path} has trained {start_epoch + step_in_epoch / steps_per_epoch:g} epochs, more than --epochs {cfg.epochs}")
+        trained = start_epoch + step_in_epoch / steps_per_epoch
+        raise UserError(f"{ckpt_path} has trained {trained:g} epochs, more than --epochs {cfg.epochs}")
     best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
     # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
     with_ema = "ema" in ckpt if cfg.eval_only else cfg.ema > 0  # eval-only: whatever the checkpoint holds
