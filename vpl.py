@@ -988,10 +988,11 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
     missing = [key for key in [*parts, "config", "num_classes", "global_batch", "world", "rng"] if key not in ckpt]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a vpl checkpoint")
-    made, now = {**ckpt["config"], "classes": ckpt["num_classes"]}, {**asdict(cfg), "classes": num_classes}
+    # a key that a checkpoint predates has its default (--repeat-aug 1)
+    made = {**asdict(Config()), **ckpt["config"], "classes": ckpt["num_classes"]}
+    now = {**asdict(cfg), "classes": num_classes}
     demo = ("seed", "demo_train", "demo_val") if made["data"] == now["data"] == "demo" else ()  # the demo's images
     order = () if cfg.eval_only else ("seed", "repeat_aug")  # the data order, which a resume continues
-    made = {**asdict(Config()), **made}  # a key that a checkpoint predates has its default (--repeat-aug 1)
     for key in ("vit", "cnn", "img_size", "classes", *demo, *order):
         if made[key] != now[key]:
             raise UserError(f"{path} was made with {key.replace('_', '-')} {made[key]}, not {now[key]}")
