@@ -668,15 +668,16 @@ def test_image_folder_trains_and_a_corrupt_image_is_replaced_or_left_out_with_a_
         assert value == pytest.approx(log[key], abs=1e-9), key
 
 
-def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("corrupt", [4, 24], ids=["some", "all-more-than-16-in-a-row"])
+def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path, corrupt):
     data, out = tmp_path / "data", str(tmp_path / "out")
     write_image_folder(data, 12)
     run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", out)
     before = open(os.path.join(out, "last.pt"), "rb").read()
-    write_image_folder(data, 12, corrupt=[("train", "bee", i) for i in range(4)])
+    write_image_folder(data, 12, corrupt=[("train", c, i) for i in range(12) for c in ("bee", "ant")][:corrupt])
     result = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "2", "--out", out, "--resume", check=False)
-    assert result.returncode == 3
-    assert "unreadable images this epoch" in result.stderr
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.splitlines()[-1].startswith("vpl: error: ") and "unreadable images this epoch" in result.stderr
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
 
 

@@ -538,7 +538,8 @@ def make_demo(n, seed, img_size=32, classes=10):
 class Augmented(Dataset):
     """Wraps a dataset: item (epoch, i) is base[i] transformed with an RNG seeded from (seed, epoch, i),
     so a run's augmentation does not depend on workers or on where it resumed. An unreadable image is
-    reported once and replaced by the next readable one; the third output flags that (evaluation leaves it out)."""
+    reported once and replaced by the next readable one (a black image after 16 unreadable in a row); the
+    third output flags that (evaluation leaves it out)."""
 
     def __init__(self, base, transform, seed):
         self.base, self.transform, self.seed, self.warned = base, transform, seed, set()
@@ -558,8 +559,9 @@ class Augmented(Dataset):
                     self.warned.add(j)
                     path = self.base.samples[j][0] if hasattr(self.base, "samples") else j
                     print(f"vpl: warning: unreadable image {path} ({type(e).__name__}); skipped", file=sys.stderr)
-        else:
-            raise RuntimeError(f"16 unreadable images in a row from index {index}")
+        else:  # a broken folder: flagged like the others, so that the run stops with one line, not a traceback
+            from PIL import Image
+            image, label = Image.new("RGB", (32, 32)), 0
         with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG stays untouched; GPUs are not touched
             torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2 ** 63)
             return self.transform(image), int(label), int(attempt > 0)
