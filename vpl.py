@@ -1128,7 +1128,7 @@ def choose_precision(cfg, device, log):
 
 # ------------------------------------------------------------------------------------------ bench
 # Dense peak FLOP/s by the vendors' datasheets (bf16/fp16, tf32): the denominators of MFU.
-PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100": (989e12, 495e12), "H200": (989e12, 495e12),
+PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100 NVL": (835e12, 418e12), "H100": (989e12, 495e12), "H200": (989e12, 495e12),
               "A100": (312e12, 156e12)}  # the first name found in the GPU's name counts
 
 
