@@ -512,13 +512,18 @@ def test_evaluate_gives_the_top1_and_top5_computed_by_hand():
         assert result[f"val_{name}_top5"] == pytest.approx(100 * (ranked[:, :5] == labels[:, None]).any(1).float().mean().item())
 
 
-def test_eval_only_reproduces_the_logged_accuracies(reference_run):
-    out = reference_run[0]
+def test_eval_only_reproduces_the_logged_accuracies_and_leaves_the_log_alone(reference_run, tmp_path):
+    out = str(tmp_path / "run")
+    shutil.copytree(reference_run[0], out)
+    last = read_log(out)[-1]
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # as a run still training writes it after its checkpoint
+        f.write(json.dumps({**last, "epoch": last["epoch"] + 1}) + "\n")
+    before = open(os.path.join(out, "log.jsonl"), "rb").read()
     result = run_vpl(*TINY, "--out", out, "--eval-only")
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
-    last = read_log(out)[-1]
     for key, value in evaluated.items():
         assert value == pytest.approx(last[key], abs=1e-9), key
+    assert open(os.path.join(out, "log.jsonl"), "rb").read() == before
 
 
 def test_exported_branches_reproduce_their_best_val_accuracy(reference_run):
@@ -739,6 +744,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "warm-up of NaN": ["--warmup-epochs", "nan"],
         "seed beyond 64 bits": ["--seed", "99999999999999999999"],
         "no val images": ["--demo-val", "0"],
+        "negative train images": ["--demo-train", "-5"],
         "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -149,7 +149,8 @@ def check_config(cfg):
             raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
     if not 0 <= cfg.seed < 2 ** 32:
         raise UserError(f"--seed must be in [0, 2^32), got {cfg.seed}")
-    for name in ("batch_size", "accum_steps", "epochs", "log_every", "img_size", "max_bad_steps", "demo_val", "repeat_aug"):
+    for name in ("batch_size", "accum_steps", "epochs", "log_every", "img_size", "max_bad_steps", "demo_train",
+                 "demo_val", "repeat_aug"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("max_steps", "workers", "warmup_epochs", "clip_grad", "mixup", "cutmix", "randaug",
@@ -1328,7 +1329,7 @@ def run(cfg):
     step_model = torch.compile(pair) if compile_ else pair  # compile the plain module, then wrap in DDP
     model = DDP(step_model, device_ids=[device.index] if cuda else None) if world > 1 else step_model
     history, log_path = [], os.path.join(cfg.out, "log.jsonl")
-    if resume and main_rank and os.path.exists(log_path):  # drop lines of epochs the checkpoint does not hold
+    if resume and not cfg.eval_only and main_rank and os.path.exists(log_path):  # drop epochs last.pt lacks
         with open(log_path) as f:
             whole = [json.loads(line) for line in f if line.endswith("}\n")]  # a line torn by a crash is not
             history = [h for h in whole if h["epoch"] < start_epoch]
