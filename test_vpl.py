@@ -673,6 +673,19 @@ def test_image_folder_trains_and_a_corrupt_image_is_replaced_or_left_out_with_a_
         assert value == pytest.approx(log[key], abs=1e-9), key
 
 
+def test_image_folder_check_accepts_images_in_subfolders_as_image_folder_does(tmp_path):
+    import torchvision
+    write_image_folder(tmp_path, 2)
+    for split in ("train", "val"):  # the Tiny-ImageNet layout: train/<class>/images/*.png
+        for c in ("ant", "bee"):
+            folder = tmp_path / split / c
+            (folder / "images").mkdir()
+            for image in folder.glob("*.png"):
+                image.rename(folder / "images" / image.name)
+    reference = torchvision.datasets.ImageFolder(str(tmp_path / "train"))
+    assert vpl.check_image_folder(str(tmp_path)) == reference.classes and len(reference) == 4
+
+
 @pytest.mark.parametrize("corrupt", [4, 24], ids=["some", "all-more-than-16-in-a-row"])
 def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path, corrupt):
     data, out = tmp_path / "data", str(tmp_path / "out")

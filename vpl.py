@@ -628,7 +628,8 @@ def check_image_folder(root):
         classes[split] = sorted(d.name for d in os.scandir(path) if d.is_dir())
         if not classes[split]:
             raise UserError(f"--data {root}: {path} has no class folders")
-        if not any(f.lower().endswith(IMG_EXTENSIONS) for c in classes[split] for f in os.listdir(os.path.join(path, c))):
+        files = (f for c in classes[split] for _, _, fs in os.walk(os.path.join(path, c), followlinks=True) for f in fs)
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for f in files):  # in subfolders too, as ImageFolder reads them
             raise UserError(f"--data {root}: {path} has class folders but no images")
     if classes["train"] != classes["val"]:
         extra = sorted(set(classes["train"]) ^ set(classes["val"]))[:3]
