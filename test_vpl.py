@@ -830,16 +830,22 @@ vpl.main(sys.argv[5:])
 """
 
 
-@pytest.mark.parametrize("function,call", [("apply_step", 12), ("evaluate", 1)])
-def test_sigterm_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(reference_run, tmp_path, function, call):
-    # at the first epoch's last step (12), after its stop request has left with its flags, or during the
-    # evaluation after it: the run saves and stops before the evaluation or right after it, not 2 steps on
+@pytest.mark.parametrize("function,call", [("apply_step", 12), ("evaluate", 1), ("save_checkpoint", 1), ("max-steps", 12)])
+def test_a_stop_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(reference_run, tmp_path, function, call):
+    # SIGTERM at the first epoch's last step (12), after its stop request has left with its flags, or during the
+    # evaluation or the saving after it: the run stops before the evaluation or right after the saving, not 2 steps
+    # on; --max-steps 12 stops after the epoch's evaluation and saving
     out = str(tmp_path)
-    stopped = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, function, str(call), "0", "signal", *TINY,
-                              "--out", out],
-                             capture_output=True, text=True, cwd=HERE, timeout=300)
-    assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert "stopped at step 12 (signal)" in stopped.stdout
+    if function == "max-steps":
+        stopped = run_vpl(*TINY, "--out", out, "--max-steps", str(call))
+        assert len(read_log(out)) == 1 and "stopped at step 12 (max_steps)" in stopped.stdout
+        again = run_vpl(*TINY, "--out", out, "--resume", "--max-steps", str(call), check=False)  # nothing left to do
+        assert again.returncode == 2 and again.stderr.startswith("vpl: error:") and "max-steps" in again.stderr
+    else:
+        stopped = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, function, str(call), "0", "signal", *TINY,
+                                  "--out", out], capture_output=True, text=True, cwd=HERE, timeout=300)
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        assert "stopped at step 12 (signal)" in stopped.stdout
     run_vpl(*TINY, "--out", out, "--resume")
     assert_same_weights(model_state(out), model_state(reference_run[0]))
     assert_same_log(out, reference_run[0])
@@ -936,7 +942,10 @@ def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(r
     proc.send_signal(signal.SIGKILL)  # right after the first checkpoint appeared: maybe mid-write of nothing,
     proc.wait()                       # maybe mid-step; the atomic write leaves a whole file either way
     torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    with open(os.path.join(out, "last.pt.tmp99999"), "wb"):  # a write that a kill cut short, as save_atomic names it
+        pass
     run_vpl(*TINY, "--out", out, "--resume")
+    assert not [name for name in os.listdir(out) if ".tmp" in name]
     assert_same_weights(model_state(out), model_state(reference_run[0]))
     assert_same_log(out, reference_run[0])
 

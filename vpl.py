@@ -1280,6 +1280,10 @@ def run(cfg):
             raise UserError(f"--out {cfg.out}: cannot make that folder ({e.strerror or e})") from None
         if not os.access(cfg.out, os.W_OK):
             raise UserError(f"--out {cfg.out}: no write access")
+        for name in os.listdir(cfg.out) if main_rank else ():  # temp files of writes a kill cut short (save_atomic)
+            stem, _, pid = name.partition(".tmp")
+            if pid.isdigit() and stem in ("last.pt", "log.jsonl", "vit.pt", "cnn.pt", "vit_ema.pt", "cnn_ema.pt"):
+                os.remove(os.path.join(cfg.out, name))
 
     if cfg.bench and cfg.data in DATASETS:  # synthetic batches: no data set to build
         return bench(cfg, device, amp_dtype, compile_, None, 1000 if cfg.preset == "imagenet" else 10, log)
@@ -1316,6 +1320,8 @@ def run(cfg):
     if start_epoch + (step_in_epoch > 0) > cfg.epochs and not cfg.eval_only:
         trained = start_epoch + step_in_epoch / steps_per_epoch
         raise UserError(f"{ckpt_path} has trained {trained:g} epochs, more than --epochs {cfg.epochs}")
+    if cfg.max_steps and step >= cfg.max_steps and not cfg.eval_only:
+        raise UserError(f"{ckpt_path} has trained {step} steps, as many as --max-steps {cfg.max_steps}: raise it")
     best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
     # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
     with_ema = "ema" in ckpt if cfg.eval_only else cfg.ema > 0  # eval-only: whatever the checkpoint holds
@@ -1361,16 +1367,15 @@ def run(cfg):
     stop_signal = threading.Event()  # SIGTERM/SIGINT: finish the step, save, exit
     old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     progress = Progress(cfg, rank, world, steps_per_epoch, len(train_set), ckpt_path, log, cuda, scaler if fp16 else None)
-    first_step, stopped = step, None
+    progress.bad_steps, first_step, stopped = ckpt.get("bad_steps", 0), step, None  # non-finite steps in a row
 
     def checkpoint(epoch, step_in_epoch):
         meta = {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "config": asdict(cfg),
                 "num_classes": num_classes, "rng": rng_state(world), "global_batch": global_batch, "world": world,
-                "epoch_totals": progress.state() if step_in_epoch else None}
+                "epoch_totals": progress.state() if step_in_epoch else None, "bad_steps": progress.bad_steps}
         save_checkpoint(ckpt_path, parts, meta, rank, world)
 
-    def save_and_stop(reason, epoch, step_in_epoch):
-        checkpoint(epoch, step_in_epoch)
+    def saved_and_stopped(reason):
         log(f"stopped at step {step} ({reason}); saved {ckpt_path}; continue with --resume")
         return reason
 
@@ -1434,19 +1439,21 @@ def run(cfg):
             stopped = progress.settle(previous, quiet=last) if previous else None
             if not stopped and last:
                 stopped, in_flight = progress.settle(flight), None
-                if not stopped and cfg.max_steps and step >= cfg.max_steps:
-                    stopped = "max_steps"
+                if not stopped and cfg.max_steps and step >= cfg.max_steps and step_in_epoch < steps_per_epoch:
+                    stopped = "max_steps"  # at an epoch's end the epoch is evaluated first
             if stopped == "signal" and in_flight is not None:  # the step launched after the one that asked to stop
                 stopped = progress.settle(in_flight, quiet=True) or stopped  # counts too; it may be non-finite
             if stopped in ("signal", "max_steps"):
-                save_and_stop(stopped, epoch, step_in_epoch)
+                checkpoint(epoch, step_in_epoch)
+                saved_and_stopped(stopped)
             if stopped:
                 break
             t_data = time.perf_counter()
         # a signal after the last step's flags left: save before the evaluation, which may outlast the grace
         # period (torchrun waits 30 s); the resumed run evaluates this epoch first, as its steps are done
         if not stopped and stop_requested():
-            stopped = save_and_stop("signal", epoch, step_in_epoch)
+            checkpoint(epoch, step_in_epoch)
+            stopped = saved_and_stopped("signal")
         if stopped:
             break
         step_in_epoch = 0
@@ -1470,10 +1477,12 @@ def run(cfg):
                     f.write(json.dumps(record) + "\n")
             except OSError as e:  # a full disk: say so in one line; last.pt is still the previous epoch's
                 raise UserError(f"cannot write {log_path} ({e.strerror or e}); {ckpt_path} is left as it was") from None
-        if epoch + 1 < cfg.epochs and stop_requested():  # a signal during the evaluation: save and stop now
-            stopped = save_and_stop("signal", epoch + 1, 0)
-            break
         checkpoint(epoch + 1, 0)
+        if epoch + 1 < cfg.epochs:  # the step limit, or a signal during the evaluation or the saving: stop now
+            stopped = "max_steps" if cfg.max_steps and step >= cfg.max_steps else "signal" if stop_requested() else None
+            if stopped:
+                saved_and_stopped(stopped)
+                break
 
     # STAGE 6: report and export -----------------------------------------------------------------------
     if stopped is None:
