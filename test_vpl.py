@@ -248,17 +248,19 @@ def test_lr_warms_up_linearly_then_follows_the_cosine_and_scales_with_the_global
     lr = lambda step: vpl.lr_at(step, 110, 10, 1.0, 0.1)  # noqa: E731  (110 steps, 10 of warm-up, peak 1, end 0.1)
     assert [lr(0), lr(4), lr(9)] == pytest.approx([0.1, 0.5, 1.0])
     assert [lr(10), lr(60), lr(110)] == pytest.approx([1.0, 0.55, 0.1])  # cosine: peak, halfway, end
-    (_, peak_vit, end_vit), (_, peak_cnn, end_cnn) = vpl.build_optimizers(vpl.Config(), tiny_pair(), 2048, False)
+    (_, peak_vit, end_vit), (_, peak_head, end_head), (_, peak_cnn, end_cnn) = vpl.build_optimizers(
+        vpl.Config(), tiny_pair(), 2048, False)
     assert (peak_vit, end_vit, peak_cnn, end_cnn) == pytest.approx((4e-3 * 4, 1e-5, 0.8 * 2, 0.0))
+    assert (peak_head, end_head) == (peak_vit, end_vit)  # the pair head follows the ViT's schedule
 
 
 def test_weight_decay_falls_on_the_weights_of_linear_and_conv_layers_only():
     pair = tiny_pair()
-    (opt_vit, _, _), (opt_cnn, _, _) = vpl.build_optimizers(vpl.Config(), pair, 64, False)
-    decayed = {id(p) for opt in (opt_vit, opt_cnn) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    optimizers = [optimizer for optimizer, _, _ in vpl.build_optimizers(vpl.Config(), pair, 64, False)]
+    decayed = {id(p) for opt in optimizers for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     layers = {id(m.weight) for m in pair.modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     assert decayed == layers
-    owners = [id(p) for opt in (opt_vit, opt_cnn) for g in opt.param_groups for p in g["params"]]
+    owners = [id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]]
     assert sorted(owners) == sorted(id(p) for p in pair.parameters())  # each parameter in one optimizer
 
 
@@ -335,6 +337,34 @@ def test_at_pair_weight_zero_a_nan_vit_leaves_the_cnns_gradient_finite():
     for a, finite in ((0.0, True), (0.2, False)):  # with a > 0 the ViT teaches the CNN: NaN is passed on
         total, _ = vpl.PairLoss()(pair(torch.randn(4, 3, 32, 32)), target, a)
         assert all(g.isfinite().all() for g in grads(total, cnn)) == finite, a
+
+
+def test_at_pair_weight_zero_the_branches_step_and_clip_independently():
+    # a NaN CNN skips its own step and the pair head's (whose input it is), not the ViT's; and the ViT's gradient
+    # is clipped by its own norm, not one that includes the pair head's
+    cfg = vpl.Config(drop_path=0.0)
+    for clip, nan_cnn in ((0.0, True), (0.05, False)):
+        pair = tiny_pair()
+        optimizers = [optimizer for optimizer, _, _ in vpl.build_optimizers(cfg, pair, 64, False)]
+        if nan_cnn:
+            with torch.no_grad():
+                pair.cnn.bn1.weight.fill_(float("nan"))  # its features, so also the pair head's input
+        before = {name: [p.detach().clone() for p in part.parameters()]
+                  for name, part in (("vit", pair.vit), ("pair_head", pair.pair_head), ("cnn", pair.cnn))}
+        scaler = vpl.make_scaler(torch.device("cpu"), None)
+        images, labels = torch.randn(8, 3, 32, 32), torch.randint(10, (8,))
+        vit_grads = grads(vpl.PairLoss()(pair(images), labels, 0.0)[1]["vit_ce"], list(pair.vit.parameters()))
+        vpl.train_step(pair, vpl.PairLoss(), images, labels, 0.0, None, scaler)
+        vpl.apply_step(optimizers, scaler, clip, False)
+        moved = {name: not all(torch.equal(p.nan_to_num(), q.nan_to_num()) for p, q in zip(getattr(pair, name).parameters(), old))
+                 for name, old in before.items()}
+        if nan_cnn:
+            assert moved == {"vit": True, "pair_head": False, "cnn": False}
+        else:  # AdamW's first step is lr * sign(g) where |g| >> eps: compare its second moment, (scale * g)^2
+            scale = min(1.0, clip / torch.linalg.vector_norm(torch.stack([g.norm() for g in vit_grads])).item())
+            state = optimizers[0].state
+            for p, g in zip(pair.vit.parameters(), vit_grads):
+                assert torch.allclose(state[p]["exp_avg_sq"], (1 - 0.999) * (scale * g) ** 2, rtol=1e-4, atol=1e-12)
 
 
 @pytest.mark.parametrize("progress", [0.0, 0.3, 0.9])
@@ -419,7 +449,7 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
     run_vpl(*options, "--out", parts, "--max-steps", "9")
     run_vpl(*options, "--out", parts, "--resume")
     a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (whole, parts))
-    for key in ("model", "ema", "scaler", "opt_vit", "opt_cnn", "step", "best"):
+    for key in ("model", "ema", "scaler", "opt_vit", "opt_pair", "opt_cnn", "step", "best"):
         assert_same(a[key], b[key], key)
     assert_same_log(parts, whole)
     assert [h["stage"] for h in read_log(whole)] == [1, 3]

@@ -73,7 +73,7 @@ class Config:
     wd_vit: float = flag(0.05, "AdamW weight decay")
     wd_cnn: float = flag(5e-5, "SGD weight decay")
     warmup_epochs: float = flag(1.0, "linear lr warm-up, epochs")
-    clip_grad: float = flag(0.0, "max gradient norm per branch (0: off)")
+    clip_grad: float = flag(0.0, "max gradient norm of each branch and of the pair head (0: off)")
     label_smoothing: float = flag(0.1, "label smoothing of every cross-entropy")
     mixup: float = flag(0.0, "MixUp alpha (0: off)")
     cutmix: float = flag(0.0, "CutMix alpha (0: off)")
@@ -779,7 +779,7 @@ def train_step(model, criterion, images, targets, pair_weight, amp_dtype, scaler
 
 
 def make_scaler(device, amp_dtype):
-    """One GradScaler for both optimizers. With fp16 it scales the loss; otherwise its scale stays 1 (apply_step
+    """One GradScaler for all optimizers. With fp16 it scales the loss; otherwise its scale stays 1 (apply_step
     resets it) and it only skips a step whose gradients are not finite, on the device (fused optimizers read
     its flag)."""
     return torch.amp.GradScaler(device.type, init_scale=2.0 ** 16 if amp_dtype == torch.float16 else 1.0)
@@ -971,8 +971,10 @@ def build_pair(cfg, num_classes):
 
 
 def build_optimizers(cfg, pair, global_batch, cuda):
-    """[(optimizer, peak lr, final lr)] of the ViT (which also trains the pair head) and of the CNN."""
-    return [build_optimizer(cfg.vit, [pair.vit, pair.pair_head], cfg, global_batch, cuda),
+    """[(optimizer, peak lr, final lr)] of the ViT, the pair head (the ViT's kind) and the CNN: each clips and skips
+    a non-finite step on its own, so that at a = 0 the branches are independent."""
+    return [build_optimizer(cfg.vit, [pair.vit], cfg, global_batch, cuda),
+            build_optimizer(cfg.vit, [pair.pair_head], cfg, global_batch, cuda),
             build_optimizer(cfg.cnn, [pair.cnn], cfg, global_batch, cuda)]
 
 
@@ -991,7 +993,7 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
     ckpt = load_checkpoint(path)
     missing = [key for key in [*parts, "config", "num_classes", "global_batch", "world", "rng"] if key not in ckpt]
     if missing:
-        raise UserError(f"{path} lacks {', '.join(missing)}: not a vpl checkpoint")
+        raise UserError(f"{path} lacks {', '.join(missing)}: not a checkpoint of this vpl.py")
     # a key that a checkpoint predates has its default (--repeat-aug 1)
     made = {**asdict(Config()), **ckpt["config"], "classes": ckpt["num_classes"]}
     now = {**asdict(cfg), "classes": num_classes}
@@ -1098,7 +1100,7 @@ class Progress:
         eta = datetime.timedelta(seconds=round(steps_left * self.global_batch / rate)) if rate else "?"
         self.log(f"stage {flight.stage} | epoch {flight.epoch + 1}/{self.cfg.epochs} | step {flight.step + 1}/"
                  f"{self.total_steps} | " + " ".join(f"{k} {v:.3f}" for k, v in zip(self.names, values))
-                 + f" | a {flight.pair_weight:.2f} | lr " + "/".join(f"{lr:.2e}" for lr in flight.lrs)
+                 + f" | a {flight.pair_weight:.2f} | lr {flight.lrs[0]:.2e}/{flight.lrs[-1]:.2e}"  # ViT/CNN
                  + f" | {rate:.0f} img/s | data {100 * self.data_time / (now - self.t_log):.0f}%"
                  + f" | eta {eta}"
                  + (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if self.cuda else "")
@@ -1300,7 +1302,7 @@ def run(cfg):
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     mix = build_mix(cfg, num_classes)
 
-    # STAGE 3: the pair, its loss and two optimizers --------------------------------------------------
+    # STAGE 3: the pair, its loss and three optimizers ------------------------------------------------
     pair = build_pair(cfg, num_classes)
     torch.manual_seed(cfg.seed + rank)
     load_initial_weights(cfg, pair)
@@ -1310,9 +1312,9 @@ def run(cfg):
     criterion = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing)
     pair_schedule = PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp)  # the stage and a at each optimizer step
     schedules = build_optimizers(cfg, pair, global_batch, cuda)
-    (opt_vit, peak_vit, _), (opt_cnn, peak_cnn, _) = schedules
+    optimizers = [optimizer for optimizer, _, _ in schedules]
     scaler, fp16 = make_scaler(device, amp_dtype), amp_dtype == torch.float16
-    parts = {"model": pair, "opt_vit": opt_vit, "opt_cnn": opt_cnn, "scaler": scaler}  # what a checkpoint holds
+    parts = {"model": pair, **dict(zip(("opt_vit", "opt_pair", "opt_cnn"), optimizers)), "scaler": scaler}  # last.pt
 
     # STAGE 4: resume, the EMA, compile ----------------------------------------------------------------
     ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank) if resume else {}
@@ -1359,7 +1361,7 @@ def run(cfg):
         f"{global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps; amp {amp_dtype}, compile {compile_}, "
         f"device {device}")
     log(f"lr rule: ViT-type {cfg.lr_vit} x {global_batch}/512 (AdamW), ResNet-type {cfg.lr_cnn} x {global_batch}/1024 "
-        f"(SGD) -> {cfg.vit} {peak_vit:.3g}, {cfg.cnn} {peak_cnn:.3g}; warm-up {warmup_steps} steps, then cosine")
+        f"(SGD) -> {cfg.vit} {schedules[0][1]:.3g}, {cfg.cnn} {schedules[-1][1]:.3g}; warm-up {warmup_steps} steps, then cosine")
     log(f"stages: 1 warm-up epochs [0, {s1 * cfg.epochs:g}), 2 pair [{s1 * cfg.epochs:g}, {s2 * cfg.epochs:g}) "
         f"with a -> {cfg.pair_weight} over {cfg.ramp * cfg.epochs:g} epochs, 3 solo [{s2 * cfg.epochs:g}, {cfg.epochs}]")
 
@@ -1422,7 +1424,7 @@ def run(cfg):
             for (optimizer, _, _), lr in zip(schedules, lrs):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-            apply_step([opt_vit, opt_cnn], scaler, cfg.clip_grad, fp16)
+            apply_step(optimizers, scaler, cfg.clip_grad, fp16)
             keep_finite()
             if ema is not None:  # after a skipped step the weights are unchanged, and so averaged again
                 ema_update(*ema_tensors, cfg.ema)
