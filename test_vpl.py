@@ -935,6 +935,18 @@ def test_a_failed_write_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monke
     assert result.stderr.strip().splitlines()[-1].startswith(f"vpl: error: cannot write {out}/log.jsonl")
 
 
+def test_run_gives_the_signal_handlers_back_also_after_an_error(tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    def crash(*args, **kwargs):
+        raise RuntimeError("a simulated crash")
+    monkeypatch.setattr(vpl, "evaluate", crash)
+    cfg = vpl.parse_config(["--demo-train", "64", "--demo-val", "8", "--batch-size", "32", "--epochs", "1",
+                            "--workers", "0", "--out", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="simulated"):
+        vpl.run(cfg)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 def test_a_crash_with_data_workers_ends_the_process(tmp_path):
     # the workers ignore SIGTERM (the main process handles a scheduler's): after a crash, the interpreter's
     # exit must still end them, not wait for them forever

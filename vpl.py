@@ -1367,7 +1367,6 @@ def run(cfg):
 
     # STAGE 5: train, evaluate, save, every epoch ---------------------------------------------------------
     stop_signal = threading.Event()  # SIGTERM/SIGINT: finish the step, save, exit
-    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     progress = Progress(cfg, rank, world, steps_per_epoch, len(train_set), ckpt_path, log, cuda, scaler if fp16 else None)
     progress.bad_steps, first_step, stopped = ckpt.get("bad_steps", 0), step, None  # non-finite steps in a row
 
@@ -1384,107 +1383,114 @@ def run(cfg):
     def stop_requested():  # at an epoch's end: did any rank get a signal? All agree, by one all-reduce
         return all_sum(torch.tensor(float(stop_signal.is_set()), device=device), world).item() > 0
 
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
-        train_loader.sampler.start = step_in_epoch * cfg.accum_steps * cfg.batch_size
-        progress.start_epoch(ckpt.get("epoch_totals") if epoch == start_epoch else None)
-        t_epoch = t_data = time.perf_counter()
-        in_flight, bad_since_step = None, 0
-        stage, a = pair_schedule((step - 1) / total_steps)  # the last step's, should a resumed epoch have none left
-        batches = itertools.islice(train_loader, (steps_per_epoch - step_in_epoch) * cfg.accum_steps)
-        for micro, (images, targets, bad) in enumerate(batches):  # whole optimizer steps only
-            progress.data_time += time.perf_counter() - t_data
-            bad_since_step += int(bad.sum())
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if mix is not None:
-                with torch.random.fork_rng(devices=[]):  # MixUp/CutMix drawn from (seed, rank, step, micro-step)
-                    mix_seed = ((cfg.seed * 1_000_003 + step) * 1009 + micro % cfg.accum_steps) * 1031 + rank
-                    torch.default_generator.manual_seed(mix_seed % 2 ** 63)
-                    # shuffled first: MixUp/CutMix pair neighbours, and --repeat-aug's copies of an image are neighbours
-                    order = torch.randperm(len(images))  # on one process (or fewer processes than copies)
-                    order = (order.pin_memory() if cuda else order).to(device, non_blocking=True)
-                    images, targets = mix(images[order], targets[order])
-            last_micro = (micro + 1) % cfg.accum_steps == 0
-            stage, a = pair_schedule(step / total_steps)
-            with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
-                terms = train_step(model, criterion, images, targets, a, amp_dtype, scaler, 1 / cfg.accum_steps)
-            micro_terms = torch.stack(list(terms.values())) / cfg.accum_steps  # summed: the mean over micro-steps
-            step_terms = micro_terms if micro % cfg.accum_steps == 0 else step_terms + micro_terms
-            progress.images_seen += len(images)
-            if not last_micro:
+    old_handlers = {sig: signal.signal(sig, lambda signum, frame: stop_signal.set())
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
+            train_loader.sampler.start = step_in_epoch * cfg.accum_steps * cfg.batch_size
+            progress.start_epoch(ckpt.get("epoch_totals") if epoch == start_epoch else None)
+            t_epoch = t_data = time.perf_counter()
+            in_flight, bad_since_step = None, 0
+            stage, a = pair_schedule((step - 1) / total_steps)  # the last step's, should a resumed epoch have none left
+            batches = itertools.islice(train_loader, (steps_per_epoch - step_in_epoch) * cfg.accum_steps)
+            for micro, (images, targets, bad) in enumerate(batches):  # whole optimizer steps only
+                progress.data_time += time.perf_counter() - t_data
+                bad_since_step += int(bad.sum())
+                images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+                if mix is not None:
+                    with torch.random.fork_rng(devices=[]):  # MixUp/CutMix drawn from (seed, rank, step, micro-step)
+                        mix_seed = ((cfg.seed * 1_000_003 + step) * 1009 + micro % cfg.accum_steps) * 1031 + rank
+                        torch.default_generator.manual_seed(mix_seed % 2 ** 63)
+                        # shuffled first: MixUp/CutMix pair neighbours, and --repeat-aug's copies of an image are too
+                        order = torch.randperm(len(images))  # on one process (or fewer processes than copies)
+                        order = (order.pin_memory() if cuda else order).to(device, non_blocking=True)
+                        images, targets = mix(images[order], targets[order])
+                last_micro = (micro + 1) % cfg.accum_steps == 0
+                stage, a = pair_schedule(step / total_steps)
+                with model.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():
+                    terms = train_step(model, criterion, images, targets, a, amp_dtype, scaler, 1 / cfg.accum_steps)
+                micro_terms = torch.stack(list(terms.values())) / cfg.accum_steps  # summed: the mean over micro-steps
+                step_terms = micro_terms if micro % cfg.accum_steps == 0 else step_terms + micro_terms
+                progress.images_seen += len(images)
+                if not last_micro:
+                    t_data = time.perf_counter()
+                    continue
+                # launch the step without waiting for it: its flags [*loss terms, bad images, stop request] start
+                # for the host, summed over ranks, and the scaler skips non-finite gradients on the device
+                host = torch.tensor([float(bad_since_step), float(stop_signal.is_set())])
+                host = host.pin_memory() if cuda else host  # a copy from pageable memory would wait for the GPU
+                flags = all_sum(torch.cat([step_terms, host.to(device, non_blocking=True)]), world)
+                lrs = [lr_at(step, total_steps, warmup_steps, peak, final) for _, peak, final in schedules]
+                flight = Flight(step, epoch, stage, a, step_in_epoch + 1, lrs, to_host_async(flags))
+                for (optimizer, _, _), lr in zip(schedules, lrs):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                apply_step(optimizers, scaler, cfg.clip_grad, fp16)
+                keep_finite()
+                if ema is not None:  # after a skipped step the weights are unchanged, and so averaged again
+                    ema_update(*ema_tensors, cfg.ema)
+                progress.names, bad_since_step = list(terms), 0
+                step, step_in_epoch, progress.rate_steps = step + 1, step_in_epoch + 1, progress.rate_steps + 1
+                if step == first_step + 1:  # the first step compiles: wait for it and keep it out of img/s
+                    if cuda:
+                        torch.cuda.synchronize()
+                    progress.restart_clock()
+                # the previous step's flags are on the host by now: settle it. The last step of an epoch or run is
+                # settled at once, so nothing is in flight at a checkpoint; its line is printed, not the previous one
+                last = step_in_epoch == steps_per_epoch or (cfg.max_steps and step >= cfg.max_steps)
+                previous, in_flight = in_flight, flight
+                stopped = progress.settle(previous, quiet=last) if previous else None
+                if not stopped and last:
+                    stopped, in_flight = progress.settle(flight), None
+                    if not stopped and cfg.max_steps and step >= cfg.max_steps and step_in_epoch < steps_per_epoch:
+                        stopped = "max_steps"  # at an epoch's end the epoch is evaluated first
+                if stopped == "signal" and in_flight is not None:  # the step launched after the one that asked to stop
+                    stopped = progress.settle(in_flight, quiet=True) or stopped  # counts too; it may be non-finite
+                if stopped in ("signal", "max_steps"):
+                    checkpoint(epoch, step_in_epoch)
+                    saved_and_stopped(stopped)
+                if stopped:
+                    break
                 t_data = time.perf_counter()
-                continue
-            # launch the step without waiting for it: its flags [*loss terms, bad images, stop request] start
-            # for the host, summed over ranks, and the scaler skips non-finite gradients on the device
-            host = torch.tensor([float(bad_since_step), float(stop_signal.is_set())])
-            host = host.pin_memory() if cuda else host  # a copy from pageable memory would wait for the GPU
-            flags = all_sum(torch.cat([step_terms, host.to(device, non_blocking=True)]), world)
-            lrs = [lr_at(step, total_steps, warmup_steps, peak, final) for _, peak, final in schedules]
-            flight = Flight(step, epoch, stage, a, step_in_epoch + 1, lrs, to_host_async(flags))
-            for (optimizer, _, _), lr in zip(schedules, lrs):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            apply_step(optimizers, scaler, cfg.clip_grad, fp16)
-            keep_finite()
-            if ema is not None:  # after a skipped step the weights are unchanged, and so averaged again
-                ema_update(*ema_tensors, cfg.ema)
-            progress.names, bad_since_step = list(terms), 0
-            step, step_in_epoch, progress.rate_steps = step + 1, step_in_epoch + 1, progress.rate_steps + 1
-            if step == first_step + 1:  # the first step compiles: wait for it and keep it out of img/s
-                if cuda:
-                    torch.cuda.synchronize()
-                progress.restart_clock()
-            # the previous step's flags are on the host by now: settle it. The last step of an epoch or run is
-            # settled at once, so nothing is in flight at a checkpoint; its line is printed, not the previous one
-            last = step_in_epoch == steps_per_epoch or (cfg.max_steps and step >= cfg.max_steps)
-            previous, in_flight = in_flight, flight
-            stopped = progress.settle(previous, quiet=last) if previous else None
-            if not stopped and last:
-                stopped, in_flight = progress.settle(flight), None
-                if not stopped and cfg.max_steps and step >= cfg.max_steps and step_in_epoch < steps_per_epoch:
-                    stopped = "max_steps"  # at an epoch's end the epoch is evaluated first
-            if stopped == "signal" and in_flight is not None:  # the step launched after the one that asked to stop
-                stopped = progress.settle(in_flight, quiet=True) or stopped  # counts too; it may be non-finite
-            if stopped in ("signal", "max_steps"):
+            # a signal after the last step's flags left: save before the evaluation, which may outlast the grace
+            # period (torchrun waits 30 s); the resumed run evaluates this epoch first, as its steps are done
+            if not stopped and stop_requested():
                 checkpoint(epoch, step_in_epoch)
-                saved_and_stopped(stopped)
+                stopped = saved_and_stopped("signal")
             if stopped:
                 break
-            t_data = time.perf_counter()
-        # a signal after the last step's flags left: save before the evaluation, which may outlast the grace
-        # period (torchrun waits 30 s); the resumed run evaluates this epoch first, as its steps are done
-        if not stopped and stop_requested():
-            checkpoint(epoch, step_in_epoch)
-            stopped = saved_and_stopped("signal")
-        if stopped:
-            break
-        step_in_epoch = 0
+            step_in_epoch = 0
 
-        # evaluate, log, save ------------------------------------------------------------------------------
-        train_stats = progress.summary()
-        result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
-        record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result, **train_stats,
-                  "time_s": time.perf_counter() - t_epoch}
-        history.append(record)
-        log(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-                       if k.startswith(("epoch", "val_", "ema_val", "img")) and not k.endswith("top5")))
-        for branch in ("vit", "cnn"):
-            if result[f"val_{branch}_top1"] > best[branch]:
-                best[branch] = result[f"val_{branch}_top1"]
-                if main_rank:
-                    save_atomic(getattr(pair, branch).state_dict(), os.path.join(cfg.out, f"{branch}.pt"))
-        if main_rank:
-            try:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            except OSError as e:  # a full disk: say so in one line; last.pt is still the previous epoch's
-                raise UserError(f"cannot write {log_path} ({e.strerror or e}); {ckpt_path} is left as it was") from None
-        checkpoint(epoch + 1, 0)
-        if epoch + 1 < cfg.epochs:  # the step limit, or a signal during the evaluation or the saving: stop now
-            stopped = "max_steps" if cfg.max_steps and step >= cfg.max_steps else "signal" if stop_requested() else None
-            if stopped:
-                saved_and_stopped(stopped)
-                break
+            # evaluate, log, save ------------------------------------------------------------------------------
+            train_stats = progress.summary()
+            result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
+            record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result, **train_stats,
+                      "time_s": time.perf_counter() - t_epoch}
+            history.append(record)
+            log(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                           if k.startswith(("epoch", "val_", "ema_val", "img")) and not k.endswith("top5")))
+            for branch in ("vit", "cnn"):
+                if result[f"val_{branch}_top1"] > best[branch]:
+                    best[branch] = result[f"val_{branch}_top1"]
+                    if main_rank:
+                        save_atomic(getattr(pair, branch).state_dict(), os.path.join(cfg.out, f"{branch}.pt"))
+            if main_rank:
+                try:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                except OSError as e:  # a full disk: say so in one line; last.pt is still the previous epoch's
+                    raise UserError(f"cannot write {log_path} ({e.strerror or e}); {ckpt_path} is as it was") from None
+            checkpoint(epoch + 1, 0)
+            if epoch + 1 < cfg.epochs:  # the step limit, or a signal during the evaluation or the saving: stop now
+                limit = cfg.max_steps and step >= cfg.max_steps
+                stopped = "max_steps" if limit else "signal" if stop_requested() else None
+                if stopped:
+                    saved_and_stopped(stopped)
+                    break
+    finally:  # also after an error: a caller of run() gets its Ctrl-C back
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
 
     # STAGE 6: report and export -----------------------------------------------------------------------
     if stopped is None:
@@ -1493,8 +1499,6 @@ def run(cfg):
                 save_atomic(getattr(ema, branch).state_dict(), os.path.join(cfg.out, f"{branch}_ema.pt"))
         log(text_chart(history, (s1, s2), cfg.epochs))
         log(f"best val top-1: ViT {best['vit']:.2f}, CNN {best['cnn']:.2f}; weights in {cfg.out}/vit.pt, cnn.pt")
-    for sig, handler in old_handlers.items():
-        signal.signal(sig, handler)
     if world > 1:  # every rank gets here together; after a crash on one rank, torchrun ends the others
         dist.destroy_process_group()
     if stopped in ("nonfinite", "bad_images"):
