@@ -935,6 +935,13 @@ def test_a_failed_write_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monke
     assert result.stderr.strip().splitlines()[-1].startswith(f"vpl: error: cannot write {out}/log.jsonl")
 
 
+def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path):
+    short = ["--demo-train", "64", "--demo-val", "8", "--batch-size", "32", "--epochs", "1", "--workers", "0"]
+    for warmup, warned in (("1", True), ("0.5", False)):  # 2 steps: all of them warm-up, or one
+        result = run_vpl(*short, "--warmup-epochs", warmup, "--out", str(tmp_path / warmup))
+        assert ("the lr never anneals" in result.stderr) == warned, result.stderr
+
+
 def test_run_gives_the_signal_handlers_back_also_after_an_error(tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     def crash(*args, **kwargs):

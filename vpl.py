@@ -1362,6 +1362,9 @@ def run(cfg):
         f"device {device}")
     log(f"lr rule: ViT-type {cfg.lr_vit} x {global_batch}/512 (AdamW), ResNet-type {cfg.lr_cnn} x {global_batch}/1024 "
         f"(SGD) -> {cfg.vit} {schedules[0][1]:.3g}, {cfg.cnn} {schedules[-1][1]:.3g}; warm-up {warmup_steps} steps, then cosine")
+    if warmup_steps >= total_steps:
+        log(f"vpl: warning: the warm-up (--warmup-epochs {cfg.warmup_epochs:g}) spans the whole run: the lr never anneals",
+            file=sys.stderr)
     log(f"stages: 1 warm-up epochs [0, {s1 * cfg.epochs:g}), 2 pair [{s1 * cfg.epochs:g}, {s2 * cfg.epochs:g}) "
         f"with a -> {cfg.pair_weight} over {cfg.ramp * cfg.epochs:g} epochs, 3 solo [{s2 * cfg.epochs:g}, {cfg.epochs}]")
 
