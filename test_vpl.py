@@ -602,6 +602,33 @@ def torchrun_two(*args, check=True):
     return result.stdout if check else result
 
 
+FAKE_CIFAR = f"""
+import os, sys, time, torchvision
+sys.path.insert(0, {HERE!r})
+import vpl
+class Slow(torchvision.datasets.FakeData):  # CIFAR's interface: (root, train, download); notes when it runs
+    classes = list(range(10))
+    def __init__(self, root, train, download):
+        with open(os.path.join(root, os.environ["RANK"]), "a") as f:
+            f.write(f"{{time.time()}} ")
+            time.sleep(1)
+            f.write(f"{{time.time()}} ")
+        super().__init__(size=8, image_size=(3, 32, 32), num_classes=10)
+torchvision.datasets.CIFAR10 = Slow
+rank, world, device = vpl.setup_distributed("cpu")
+vpl.build_datasets(vpl.parse_config(["--data", "cifar10", "--data-root", sys.argv[1]]), rank, world)
+"""
+
+
+def test_cifar_is_downloaded_by_rank_0_before_the_others_read_it(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={29800 + os.getpid() % 90}", "--no-python", sys.executable, "-c",
+                             FAKE_CIFAR, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=HERE)
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = ([float(t) for t in (tmp_path / rank).read_text().split()] for rank in ("0", "1"))
+    assert len(first) == len(second) == 4 and max(first) <= min(second)  # train and val: all of rank 0's first
+
+
 def test_torchrun_two_processes_count_each_val_image_once_and_stop_together(tmp_path):
     out = str(tmp_path / "ddp")
     args = [*TINY, "--demo-val", "101", "--epochs", "1", "--out", out]

@@ -637,7 +637,7 @@ def check_image_folder(root):
     return classes["train"]
 
 
-def build_datasets(cfg):
+def build_datasets(cfg, rank=0, world=1):
     """(train, val, num_classes) as Augmented datasets, from the demo, CIFAR or an ImageFolder."""
     import torchvision
     if cfg.data == "demo":
@@ -645,11 +645,18 @@ def build_datasets(cfg):
         n = cfg.demo_train
         train, val, classes = TensorDataset(images[:n], labels[:n]), TensorDataset(images[n:], labels[n:]), 10
     elif cfg.data in ("cifar10", "cifar100"):
-        make = getattr(torchvision.datasets, cfg.data.upper())
-        try:
-            train, val = make(cfg.data_root, train=True, download=True), make(cfg.data_root, train=False, download=True)
-        except (OSError, RuntimeError) as e:
-            raise UserError(f"--data {cfg.data}: cannot download to {cfg.data_root} ({e})") from None
+        make, error = getattr(torchvision.datasets, cfg.data.upper()), None
+        for turn in (0, 1):  # rank 0 downloads, then the others find its files: two writers would corrupt them
+            if turn == (rank > 0):
+                try:
+                    train = make(cfg.data_root, train=True, download=True)
+                    val = make(cfg.data_root, train=False, download=True)
+                except (OSError, RuntimeError) as e:
+                    error = e
+            if world > 1:
+                dist.barrier()
+        if error:
+            raise UserError(f"--data {cfg.data}: cannot download to {cfg.data_root} ({error})")
         classes = len(train.classes)
     else:
         classes = len(check_image_folder(cfg.data))
@@ -1291,7 +1298,7 @@ def run(cfg):
         return bench(cfg, device, amp_dtype, compile_, None, 1000 if cfg.preset == "imagenet" else 10, log)
 
     # STAGE 2: data ----------------------------------------------------------------------------------
-    train_set, val_set, num_classes = build_datasets(cfg)
+    train_set, val_set, num_classes = build_datasets(cfg, rank, world)
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, rank, world, cuda)
     global_batch = cfg.batch_size * world * cfg.accum_steps
     steps_per_epoch = len(train_loader) // cfg.accum_steps
