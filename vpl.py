@@ -118,11 +118,10 @@ class UserError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line, exit code 2, without the usage text."""
+    """argparse whose errors are UserErrors: main() reports a bad flag in one line, without the usage text."""
 
     def error(self, message):
-        print(f"vpl: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        raise UserError(message)
 
 
 def parse_config(argv=None):
@@ -136,7 +135,7 @@ def parse_config(argv=None):
             parser.add_argument(option, type=type(f.default), choices=meta["choices"], help=meta["help"])
     given = vars(parser.parse_args(argv))
     preset = given.get("preset") or ("demo" if given.get("data", "demo") in DATASETS else "imagenet")
-    cfg = Config(**{**asdict(Config()), **PRESETS[preset], **given, "preset": preset})
+    cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
     cfg.out = cfg.out or os.path.join("runs", preset)
     check_config(cfg)
     return cfg
@@ -370,8 +369,7 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.modules():  # each block starts as the identity (arXiv 1706.02677)
-            if isinstance(m, Bottleneck):
+            elif isinstance(m, Bottleneck):  # each block starts as the identity (arXiv 1706.02677)
                 nn.init.zeros_(m.bn3.weight)
 
     def _make_layer(self, planes, blocks, stride):
@@ -405,14 +403,11 @@ def resnet_tiny(num_classes=10):
     return ResNet((1, 1, 1, 1), num_classes, width=8, small_stem=True)
 
 
-BRANCHES = {"vit_b_16": vit_b_16, "vit_tiny": vit_tiny, "resnet50": resnet50, "resnet_tiny": resnet_tiny}
-
-
 def build_branch(name, num_classes, img_size, drop_path):
     """One branch by its --vit/--cnn name; only a ViT takes the image size and drop-path rate."""
     if name.startswith("vit"):
-        return BRANCHES[name](num_classes, img_size=img_size, drop_path=drop_path)
-    return BRANCHES[name](num_classes)
+        return {"vit_b_16": vit_b_16, "vit_tiny": vit_tiny}[name](num_classes, img_size=img_size, drop_path=drop_path)
+    return {"resnet50": resnet50, "resnet_tiny": resnet_tiny}[name](num_classes)
 
 
 # ---------------------------------------------------------------------------------- pair learning
@@ -443,7 +438,7 @@ class PairModel(nn.Module):
         f_vit = self.vit.forward_features(x)
         f_cnn = self.cnn.forward_features(x.contiguous(memory_format=torch.channels_last))
         return {"vit": self.vit.forward_head(f_vit), "cnn": self.cnn.forward_head(f_cnn),
-                "pair": self.pair_head(f_vit, f_cnn), "vit_feat": f_vit, "cnn_feat": f_cnn}
+                "pair": self.pair_head(f_vit, f_cnn)}
 
 
 def kd_loss(student, teacher, temperature=1.0):
@@ -734,13 +729,6 @@ def all_sum(tensor, world):
     return tensor
 
 
-def sync_buffers(module, world):
-    """Gives every rank rank 0's BatchNorm statistics, so that all evaluate (and save) the same model."""
-    if world > 1:
-        for buffer in module.buffers():
-            dist.broadcast(buffer, 0)
-
-
 # ------------------------------------------------------------------------ training and evaluation
 def param_groups(module, weight_decay):
     """No weight decay on norms, biases and tokens (DeiT, torchvision); decay on the rest."""
@@ -799,7 +787,6 @@ def apply_step(optimizers, scaler, clip_grad, fp16):
         if clip_grad:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
-    for optimizer in optimizers:
         scaler.step(optimizer)  # skipped, on the device, if this optimizer's gradients are not finite
         optimizer.zero_grad(set_to_none=True)
     scaler.update(None if fp16 else 1.0)
@@ -853,7 +840,9 @@ def to_host_async(tensor):
 def evaluate(model, loader, device, amp_dtype, world):
     """Top-1/top-5 (%) of the ViT, the CNN, the pair head and the ensemble (mean of the two branches'
     probabilities), each readable val image counted once over all ranks; the count is checked."""
-    sync_buffers(model, world)  # every rank evaluates (and later saves) rank 0's BatchNorm statistics
+    if world > 1:  # every rank evaluates (and later saves) rank 0's BatchNorm statistics
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     was_training, names = model.training, ("vit", "cnn", "pair", "ens")
     model.eval()
     hits = torch.zeros(len(names), 2, device=device, dtype=torch.float64)  # (model, top-1 / top-5)
@@ -1026,9 +1015,8 @@ def text_chart(history, stage_bounds, epochs, height=10):
     boundaries marked with '|'."""
     if not history:
         return ""
-    lo = min(min(h["val_vit_top1"], h["val_cnn_top1"]) for h in history)
-    hi = max(max(h["val_vit_top1"], h["val_cnn_top1"]) for h in history)
-    span = max(hi - lo, 1e-9)
+    accs = [h[f"val_{branch}_top1"] for h in history for branch in ("vit", "cnn")]
+    lo, span = min(accs), max(max(accs) - min(accs), 1e-9)
     row = lambda acc: round((acc - lo) / span * (height - 1))  # noqa: E731
     bounds = {round(s * epochs) for s in stage_bounds} - {0, epochs}
     lines = []
