@@ -640,18 +640,16 @@ def build_datasets(cfg, rank=0, world=1):
         n = cfg.demo_train
         train, val, classes = TensorDataset(images[:n], labels[:n]), TensorDataset(images[n:], labels[n:]), 10
     elif cfg.data in ("cifar10", "cifar100"):
-        make, error = getattr(torchvision.datasets, cfg.data.upper()), None
-        for turn in (0, 1):  # rank 0 downloads, then the others find its files: two writers would corrupt them
-            if turn == (rank > 0):
-                try:
-                    train = make(cfg.data_root, train=True, download=True)
-                    val = make(cfg.data_root, train=False, download=True)
-                except (OSError, RuntimeError) as e:
-                    error = e
-            if world > 1:
+        make = getattr(torchvision.datasets, cfg.data.upper())
+        if rank > 0:  # rank 0 downloads, then the others find its files: two writers would corrupt them
+            dist.barrier()
+        try:
+            train, val = make(cfg.data_root, train=True, download=True), make(cfg.data_root, train=False, download=True)
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"--data {cfg.data}: cannot download to {cfg.data_root} ({e})") from None
+        finally:
+            if rank == 0 and world > 1:
                 dist.barrier()
-        if error:
-            raise UserError(f"--data {cfg.data}: cannot download to {cfg.data_root} ({error})")
         classes = len(train.classes)
     else:
         classes = len(check_image_folder(cfg.data))
@@ -862,6 +860,8 @@ def evaluate(model, loader, device, amp_dtype, world):
     model.train(was_training)
     if count + unreadable != len(loader.dataset):
         raise RuntimeError(f"evaluated {count} val images and skipped {unreadable}, expected {len(loader.dataset)}")
+    if count == 0:
+        raise UserError(f"none of the {unreadable} val images could be read: check --data")
     result = {"val_images": count, **({"val_bad_images": unreadable} if unreadable else {})}
     for i, name in enumerate(names):
         result[f"val_{name}_top1"], result[f"val_{name}_top5"] = (100 * hits[i] / max(1, count)).tolist()
@@ -1312,13 +1312,14 @@ def run(cfg):
     parts = {"model": pair, **dict(zip(("opt_vit", "opt_pair", "opt_cnn"), optimizers)), "scaler": scaler}  # last.pt
 
     # STAGE 4: resume, the EMA, compile ----------------------------------------------------------------
-    ckpt = resume_from(ckpt_path, cfg, parts, num_classes, global_batch, world, rank) if resume else {}
+    loaded = {"model": pair} if cfg.eval_only else parts  # evaluation needs no optimizer
+    ckpt = resume_from(ckpt_path, cfg, loaded, num_classes, global_batch, world, rank) if resume else {}
     start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
     if start_epoch + (step_in_epoch > 0) > cfg.epochs and not cfg.eval_only:
         trained = start_epoch + step_in_epoch / steps_per_epoch
         raise UserError(f"{ckpt_path} has trained {trained:g} epochs, more than --epochs {cfg.epochs}")
-    if cfg.max_steps and step >= cfg.max_steps and not cfg.eval_only:
-        raise UserError(f"{ckpt_path} has trained {step} steps, as many as --max-steps {cfg.max_steps}: raise it")
+    if cfg.max_steps and step >= cfg.max_steps and step_in_epoch < steps_per_epoch and not cfg.eval_only:
+        raise UserError(f"{ckpt_path} has trained {step} steps, reaching --max-steps {cfg.max_steps}: raise it to go on")
     best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
     # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
     with_ema = "ema" in ckpt if cfg.eval_only else cfg.ema > 0  # eval-only: whatever the checkpoint holds
@@ -1375,7 +1376,8 @@ def run(cfg):
         save_checkpoint(ckpt_path, parts, meta, rank, world)
 
     def saved_and_stopped(reason):
-        log(f"stopped at step {step} ({reason}); saved {ckpt_path}; continue with --resume")
+        more = " and a higher --max-steps (or none)" if reason == "max_steps" else ""
+        log(f"stopped at step {step} ({reason}); saved {ckpt_path}; continue with --resume{more}")
         return reason
 
     def stop_requested():  # at an epoch's end: did any rank get a signal? All agree, by one all-reduce
