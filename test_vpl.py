@@ -763,6 +763,24 @@ def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path, spli
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
 
 
+MAIN_EACH = f"""
+import contextlib, io, json, sys
+sys.path.insert(0, {HERE!r})
+import vpl
+results = {{}}
+for name, args in json.loads(sys.stdin.read()).items():  # vpl.main of each, in one process: torch imported once
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            vpl.main(args)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    results[name] = [code, stderr.getvalue()]
+print(json.dumps(results))
+"""
+
+
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
     d = tmp_path
     (d / "no_val" / "train" / "a").mkdir(parents=True)
@@ -824,14 +842,14 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "negative train images": ["--demo-train", "-5"],
         "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],
     }
+    cases = {name: [*args, *([] if "--out" in args else ["--out", str(d / "out")])] for name, args in cases.items()}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    procs = {name: subprocess.Popen([sys.executable, VPL, *args, *([] if "--out" in args else ["--out", str(d / "out")])],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE)
-             for name, args in cases.items()}
-    for name, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
+    ran = subprocess.run([sys.executable, "-c", MAIN_EACH], input=json.dumps(cases), capture_output=True, text=True,
+                         env=env, cwd=HERE, timeout=300)
+    assert ran.returncode == 0 and not ran.stderr, ran.stderr[-3000:]
+    for name, (code, stderr) in json.loads(ran.stdout.splitlines()[-1]).items():
         lines = [line for line in stderr.splitlines() if line.strip()]
-        assert proc.returncode == 2, (name, stderr[-2000:])
+        assert code == 2, (name, stderr[-2000:])
         assert len(lines) == 1 and lines[0].startswith("vpl: error:"), (name, stderr)
     assert open(other / "last.pt", "rb").read() == open(os.path.join(reference_run[0], "last.pt"), "rb").read()
 
