@@ -3,8 +3,8 @@
 A ViT-B/16 and a ResNet-50 train side by side on the same batches. A pair learning module lets each
 branch learn from its partner during the middle stage of training, so that both end better than alone
 (the paper's claim).
-Everything is written here from scratch: both branches, the pair loss, the staged schedule, the
-input pipeline, DDP and a CUDA fast path. Beyond the paper's abstract the method is our
+Written here from scratch: both branches, the pair loss and the staged schedule; around them the
+training loop, on torchvision's transforms and PyTorch's DDP, with a CUDA fast path. Beyond the paper's abstract the method is our
 reconstruction (README, "The method"); every choice is a flag. Measured (README): the CPU demo ends at
 ViT 89.9% / CNN 85.8% val top-1 in 2m23s on 2 cores; the README's ablation tests whether pairing helps,
 and its "Performance" gives throughput against torchvision's models on a CPU and on one H100.
@@ -54,7 +54,7 @@ class Config:
     demo_train: int = flag(5000, "images in the demo's train split")
     demo_val: int = flag(1000, "images in the demo's val split")
     img_size: int = flag(32, "image side, pixels")
-    workers: int = flag(2, "data loading processes per GPU")
+    workers: int = flag(2, "data loading processes of each process (each GPU)")
     # models
     vit: str = flag("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
     cnn: str = flag("resnet_tiny", "partner branch (a ViT here gives the ViT+ViT ablation)",
@@ -80,7 +80,7 @@ class Config:
     randaug: int = flag(0, "RandAugment magnitude, 0-10 as DeiT's 'rand-m9' (0: off)")
     repeat_aug: int = flag(1, "repeated augmentation: an epoch takes 1/N of the images, N copies of each (1: off)")
     reprob: float = flag(0.0, "RandomErasing probability")
-    ema: float = flag(0.0, "EMA decay per step of both branches (0: off)")
+    ema: float = flag(0.0, "EMA decay per step of the whole pair, pair head included (0: off)")
     # pair learning
     pair_weight: float = flag(0.2, "a: weight of the partner loss in stage 2, in [0, 1]")
     pair_temp: float = flag(1.0, "T: distillation temperature, > 0")
@@ -1480,7 +1480,8 @@ def run(cfg):
                     with open(log_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
                 except OSError as e:  # a full disk: say so in one line; last.pt is still the previous epoch's
-                    raise UserError(f"cannot write {log_path} ({e.strerror or e}); {ckpt_path} is as it was") from None
+                    raise UserError(f"cannot write {log_path} ({e.strerror or e}); "
+                                    f"{ckpt_path} is left as it was") from None
             checkpoint(epoch + 1, 0)
             if epoch + 1 < cfg.epochs:  # the step limit, or a signal during the evaluation or the saving: stop now
                 limit = cfg.max_steps and step >= cfg.max_steps
