@@ -244,6 +244,21 @@ def test_one_backward_gives_each_branch_the_gradient_of_its_own_loss(teacher):
             assert torch.allclose(g_total, g_own, atol=1e-6)
 
 
+@pytest.mark.parametrize("teacher", ["partner", "pair"])
+def test_pair_loss_terms_and_total_match_hand_computation(teacher):
+    torch.manual_seed(0)
+    out = {k: torch.randn(4, 10) for k in ("vit", "cnn", "pair")}
+    target, a, T = torch.randint(10, (4,)), 0.3, 2.0
+    total, terms = vpl.PairLoss(T, teacher, 0.1)(out, target, a)
+    teach = {"vit": "cnn", "cnn": "vit"} if teacher == "partner" else {"vit": "pair", "cnn": "pair"}
+    kd = {b: kd_by_hand(out[b].tolist(), out[teach[b]].tolist(), T) for b in ("vit", "cnn")}
+    ce = {b: F.cross_entropy(out[b], target, label_smoothing=0.1).item() for b in ("vit", "cnn", "pair")}
+    for b in ("vit", "cnn"):
+        assert terms[f"{b}_kd"].item() == pytest.approx(kd[b], rel=1e-5)
+    by_hand = sum((1 - a) * ce[b] + a * kd[b] for b in ("vit", "cnn")) + ce["pair"]
+    assert total.item() == pytest.approx(by_hand, rel=1e-5)
+
+
 def test_lr_warms_up_linearly_then_follows_the_cosine_and_scales_with_the_global_batch():
     lr = lambda step: vpl.lr_at(step, 110, 10, 1.0, 0.1)  # noqa: E731  (110 steps, 10 of warm-up, peak 1, end 0.1)
     assert [lr(0), lr(4), lr(9)] == pytest.approx([0.1, 0.5, 1.0])
@@ -435,6 +450,50 @@ def test_a_resume_whose_first_step_ends_the_epoch_prints_its_line(tmp_path):
     run_vpl(*long_run, "--out", out, "--max-steps", "11")
     resumed = run_vpl(*long_run, "--out", out, "--resume", "--max-steps", "12")
     assert "| step 12/3600 |" in resumed.stdout and "eta ?" in resumed.stdout
+
+
+SPY = f"""
+import json, sys
+sys.path.insert(0, {HERE!r})
+import vpl
+calls = {{"train_step": [], "apply_step": []}}
+train_step, apply_step = vpl.train_step, vpl.apply_step
+def spy_train_step(model, criterion, images, targets, pair_weight, amp_dtype, scaler, loss_scale=1.0):
+    terms = train_step(model, criterion, images, targets, pair_weight, amp_dtype, scaler, loss_scale)
+    calls["train_step"].append([pair_weight, loss_scale, terms["total"].item()])
+    return terms
+def spy_apply_step(optimizers, *args):  # the lr of every parameter group as the step applies it
+    calls["apply_step"].append([[group["lr"] for group in optimizer.param_groups] for optimizer in optimizers])
+    return apply_step(optimizers, *args)
+vpl.train_step, vpl.apply_step = spy_train_step, spy_apply_step
+vpl.main(sys.argv[2:])
+json.dump(calls, open(sys.argv[1], "w"))
+"""
+
+
+def test_the_loop_steps_with_the_lr_pair_weight_and_accumulation_computed_by_hand(tmp_path):
+    # TINY with micro-batches of 16, two per step: global batch 32, 12 steps per epoch, 24 in all, 12 of warm-up
+    record, out = tmp_path / "calls.json", str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-c", SPY, str(record), *TINY, "--batch-size", "16", "--accum-steps", "2",
+                             "--out", out], capture_output=True, text=True, cwd=HERE, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = json.loads(record.read_text())
+    def lr(step, peak, final):
+        if step < 12:
+            return peak * (step + 1) / 12
+        return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * (step - 12) / 12))
+    def pair_weight(step):  # stages 0.25,0.75 of 24 steps, ramp 0.1, --pair-weight 0.2
+        return 0.2 * min(1.0, (step / 24 - 0.25) / 0.1) if 0.25 <= step / 24 < 0.75 else 0.0
+    assert len(calls["apply_step"]) == 24 and len(calls["train_step"]) == 48
+    for step, (vit, head, cnn) in enumerate(calls["apply_step"]):
+        assert vit + head == pytest.approx([lr(step, 4e-3 * 32 / 512, 1e-5)] * (len(vit) + len(head)))
+        assert cnn == pytest.approx([lr(step, 0.8 * 32 / 1024, 0.0)] * len(cnn))
+    for micro, (a, loss_scale, _) in enumerate(calls["train_step"]):
+        assert a == pytest.approx(pair_weight(micro // 2), abs=1e-12) and loss_scale == 0.5
+    for epoch, record in enumerate(read_log(out)):  # each step's total is the mean of its two micro-batches'
+        totals = [total for _, _, total in calls["train_step"][24 * epoch:24 * (epoch + 1)]]
+        assert record["train_total"] == pytest.approx(sum(totals) / 24, rel=1e-5)
+        assert record["pair_weight"] == pytest.approx(pair_weight(12 * epoch + 11), abs=1e-12)
 
 
 def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_path):
@@ -938,15 +997,21 @@ def test_a_stop_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(refer
 
 
 @pytest.mark.parametrize("partner,batchnorms", [("resnet_tiny", 17), ("vit_tiny", 0)])
-def test_a_nonfinite_forward_leaves_the_batchnorm_statistics_finite(tmp_path, partner, batchnorms):
-    # a batch of NaN at step 3: the step is skipped, and the running statistics stay those of step 2
+def test_a_nonfinite_forward_leaves_the_weights_and_batchnorm_statistics_of_the_step_before(tmp_path, partner, batchnorms):
+    # a batch of NaN at the third step: the step is skipped, and weights and running statistics stay those that a
+    # run of two steps ends with (but for BatchNorm's counter of forwards)
+    nan, clean = str(tmp_path / "nan"), str(tmp_path / "clean")
     result = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, "train_step", "3", "0", "nan", *TINY,
-                             "--epochs", "1", "--cnn", partner, "--out", str(tmp_path)],
-                            capture_output=True, text=True, cwd=HERE)
+                             "--cnn", partner, "--max-steps", "3", "--out", nan], capture_output=True, text=True, cwd=HERE)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "non-finite loss at step 2 in vit_ce, vit_kd, cnn_ce" in result.stderr
-    buffers = {k: v for k, v in model_state(str(tmp_path)).items() if "running" in k}
-    assert len(buffers) == 2 * batchnorms and all(v.isfinite().all() for v in buffers.values())
+    run_vpl(*TINY, "--cnn", partner, "--max-steps", "2", "--out", clean)
+    after_nan, after_two = model_state(nan), model_state(clean)
+    counters = [k for k in after_two if k.endswith("num_batches_tracked")]
+    assert_same({k: v for k, v in after_nan.items() if k not in counters},
+                {k: v for k, v in after_two.items() if k not in counters})
+    means = [v for k, v in after_two.items() if k.endswith("running_mean")]
+    assert len(means) == batchnorms and all(v.abs().sum() > 0 for v in means)  # they have moved from their start
 
 
 def test_mixup_rarely_pairs_an_image_with_its_repeated_copy(tmp_path):
