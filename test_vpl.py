@@ -121,13 +121,14 @@ def test_vit_b_16_matches_torchvision():
     torch.manual_seed(0)
     reference = torchvision.models.vit_b_16().eval()
     with torch.no_grad():
-        for p in reference.parameters():  # torchvision zero-inits the head: re-draw every weight
-            p.normal_(0, 0.02)
+        for p in reference.parameters():  # torchvision zero-inits the head: re-draw every weight, large enough
+            p.normal_(0, 0.1)             # that the blocks are far from linear (a tanh GELU is then 1e-4 off)
     ours = vpl.vit_b_16()
     ours.load_state_dict(vpl.vit_from_torchvision(reference.state_dict()), strict=True)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        assert (ours.eval()(x) - reference(x)).abs().max() < 1e-4
+        expected = reference(x)
+        assert (ours.eval()(x) - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
 def test_position_embedding_resize_keeps_cls_and_the_grids_function():
@@ -1105,15 +1106,32 @@ print(sum(len(images) for images, targets, bad in batches))
     assert result.returncode == 0 and result.stdout == "224\n", result.stderr[-2000:]
 
 
-def test_kill_9_at_any_moment_leaves_a_checkpoint_that_resumes_bit_identically(reference_run, tmp_path):
+KILL_MID_WRITE = f"""
+import io, os, signal, sys, torch
+sys.path.insert(0, {HERE!r})
+import vpl
+save, writes = torch.save, []
+def half_then_kill(obj, f):  # the second write of last.pt stops half way: SIGKILL, as a preempted node
+    if os.path.basename(getattr(f, "name", "")).startswith("last.pt"):
+        writes.append(1)
+        if len(writes) == 2:
+            whole = io.BytesIO()
+            save(obj, whole)
+            f.write(whole.getvalue()[:len(whole.getvalue()) // 2])
+            f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return save(obj, f)
+torch.save = half_then_kill
+vpl.main(sys.argv[1:])
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_which_resumes_bit_identically(reference_run, tmp_path):
     out = str(tmp_path)
-    proc = subprocess.Popen([sys.executable, VPL, *TINY, "--out", out], stdout=subprocess.DEVNULL, cwd=HERE)
-    assert wait_for(lambda: os.path.exists(os.path.join(out, "last.pt")))
-    proc.send_signal(signal.SIGKILL)  # right after the first checkpoint appeared: maybe mid-write of nothing,
-    proc.wait()                       # maybe mid-step; the atomic write leaves a whole file either way
-    torch.load(os.path.join(out, "last.pt"), weights_only=True)
-    with open(os.path.join(out, "last.pt.tmp99999"), "wb"):  # a write that a kill cut short, as save_atomic names it
-        pass
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, *TINY, "--out", out], capture_output=True, cwd=HERE)
+    assert killed.returncode == -signal.SIGKILL
+    assert [name for name in os.listdir(out) if name.startswith("last.pt.tmp")]  # the half-written file
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1  # the first epoch's, whole
     run_vpl(*TINY, "--out", out, "--resume")
     assert not [name for name in os.listdir(out) if ".tmp" in name]
     assert_same_weights(model_state(out), model_state(reference_run[0]))
