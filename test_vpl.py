@@ -636,9 +636,9 @@ def test_exported_branches_reproduce_their_best_val_accuracy(reference_run):
         assert top1 == pytest.approx(max(h[f"val_{name}_top1"] for h in log), abs=1e-6), name
 
 
-def ddp_rank(rank, world, port, images, targets, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def ddp_rank(rank, world, images, targets, result_dir):
+    store = f"file://{os.path.join(result_dir, 'store')}"  # a file, not a port that another run may hold
+    torch.distributed.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     model = torch.nn.parallel.DistributedDataParallel(tiny_pair())
     half = len(images) // world
     scaler = torch.amp.GradScaler("cpu", enabled=False)
@@ -651,7 +651,7 @@ def ddp_rank(rank, world, port, images, targets, result_dir):
 def test_ddp_step_gives_the_single_process_gradient(tmp_path):
     torch.manual_seed(1)
     images, targets = torch.randn(16, 3, 32, 32), torch.randint(10, (16,))
-    mp.spawn(ddp_rank, args=(2, 29400 + os.getpid() % 500, images, targets, str(tmp_path)), nprocs=2)
+    mp.spawn(ddp_rank, args=(2, images, targets, str(tmp_path)), nprocs=2)
     single = tiny_pair()
     vpl.train_step(single, vpl.PairLoss(), images, targets, 0.0, None, torch.amp.GradScaler("cpu", enabled=False))
     for rank in (0, 1):
@@ -660,8 +660,7 @@ def test_ddp_step_gives_the_single_process_gradient(tmp_path):
 
 
 def torchrun_two(*args, check=True):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={29900 + os.getpid() % 90}", *args],
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
                             capture_output=True, text=True, timeout=300, cwd=HERE)
     assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result.stdout if check else result
@@ -686,8 +685,8 @@ vpl.build_datasets(vpl.parse_config(["--data", "cifar10", "--data-root", sys.arg
 
 
 def test_cifar_is_downloaded_by_rank_0_before_the_others_read_it(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                             f"--master_port={29800 + os.getpid() % 90}", "--no-python", sys.executable, "-c",
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "--no-python", sys.executable, "-c",
                              FAKE_CIFAR, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=HERE)
     assert result.returncode == 0, result.stderr[-3000:]
     first, second = ([float(t) for t in (tmp_path / rank).read_text().split()] for rank in ("0", "1"))
@@ -1140,9 +1139,10 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_which_resumes_
 
 def test_torchrun_restarts_a_killed_worker_which_resumes_bit_identically(reference_run, tmp_path):
     out = str(tmp_path / "elastic")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--max-restarts=1",
-                             f"--master_port={29700 + os.getpid() % 90}", VPL, *TINY, "--out", out, "--auto-resume"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE)
+    printed = open(tmp_path / "printed.txt", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                             "--max-restarts=1", VPL, *TINY, "--out", out, "--auto-resume"],
+                            stdout=printed, stderr=subprocess.DEVNULL, cwd=HERE)
     assert wait_for(lambda: os.path.exists(os.path.join(out, "last.pt")))
 
     def workers():  # the vpl.py process torchrun started, not torchrun itself
@@ -1158,6 +1158,7 @@ def test_torchrun_restarts_a_killed_worker_which_resumes_bit_identically(referen
     for pid in killed:
         os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=300) == 0
+    assert "resumed from" in (tmp_path / "printed.txt").read_text()  # restarted, and resumed
     assert_same_weights(model_state(out), model_state(reference_run[0]))
     assert_same_log(out, reference_run[0])
 
