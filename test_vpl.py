@@ -297,6 +297,19 @@ def test_apply_step_skips_only_the_optimizer_with_nonfinite_gradients():
     assert vpl.to_host_async(torch.tensor([1.5, float("inf")]))() == [1.5, float("inf")]
 
 
+def test_drop_path_drops_whole_samples_at_its_rate_and_keeps_the_expected_output():
+    torch.manual_seed(0)
+    drop, x = vpl.DropPath(0.25).train(), torch.ones(4000, 3, 5)
+    y = drop(x)
+    assert torch.equal(y, y[:, :1, :1].expand_as(y))  # a sample is kept or dropped whole
+    kept = y[:, 0, 0] != 0
+    assert kept.float().mean().item() == pytest.approx(0.75, abs=0.03)
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.75))  # rescaled: the expected output is x
+    assert torch.equal(drop.eval()(x), x)
+    rates = [block.drop_path.p for block in vpl.vit_tiny(drop_path=0.3).blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])  # deeper blocks more often (DeiT)
+
+
 def test_ema_update_matches_the_formula_for_weights_and_batchnorm_statistics():
     model, ema = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     model(torch.randn(5, 3))  # BatchNorm statistics and its step counter move
@@ -424,12 +437,13 @@ def test_run_logs_every_field_and_draws_the_chart(reference_run):
         assert os.path.exists(os.path.join(out, name))
 
 
-def test_resume_after_a_stop_is_bit_identical_and_skips_a_torn_log_line(reference_run, tmp_path):
+def test_resume_after_a_stop_is_bit_identical_and_drops_stale_and_torn_log_lines(reference_run, tmp_path):
     out = str(tmp_path)
     first = run_vpl(*TINY, "--out", out, "--max-steps", "7")
     assert "stopped at step 7" in first.stdout
-    with open(os.path.join(out, "log.jsonl"), "a") as f:
-        f.write('{"epoch": 0, "val_vi')  # a line torn by a crash
+    with open(os.path.join(out, "log.jsonl"), "a") as f:  # a record last.pt does not hold (a crash between the log's
+        f.write(json.dumps(read_log(reference_run[0])[0] | {"val_vit_top1": -1.0}) + "\n")  # write and the save),
+        f.write('{"epoch": 0, "val_vi')  # and a line torn by a crash
     run_vpl(*TINY, "--out", out, "--resume")
     assert_same_weights(model_state(out), model_state(reference_run[0]))
     assert_same_log(out, reference_run[0])  # the stopped epoch's mean losses too
@@ -517,7 +531,10 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
     assert_same_log(parts, whole)
     assert [h["stage"] for h in read_log(whole)] == [1, 3]
     log = read_log(whole)
-    assert "ema_val_vit_top1" in log[-1] and os.path.exists(os.path.join(whole, "vit_ema.pt"))
+    assert "ema_val_vit_top1" in log[-1]
+    for branch in ("vit", "cnn"):  # the exported EMA branches are the checkpoint's EMA
+        exported = torch.load(os.path.join(whole, f"{branch}_ema.pt"), weights_only=True)
+        assert_same(exported, {k[len(branch) + 1:]: v for k, v in a["ema"].items() if k.startswith(branch + ".")})
     # --eval-only evaluates the checkpoint's EMA too, without being told
     evaluated = json.loads(run_vpl(*options, "--out", whole, "--eval-only").stdout.splitlines()[-1])
     assert evaluated.keys() == {k for k in log[-1] if k.startswith(("val_", "ema_val_"))}
@@ -572,6 +589,8 @@ def test_epoch_sampler_is_distributed_samplers_order_and_repeats_each_image_with
     images = collections.Counter(i for _, i in shares[0] + shares[1])
     assert len(images) == 20 and set(images.values()) == {3}
     assert len(set(shares[0] + shares[1])) == 60  # each copy is augmented with its own seed
+    sampler.set_epoch(4)  # ... also against the next epoch's copies
+    assert not {draw for draw, _ in shares[1]} & {draw for draw, _ in sampler}
     in_order = [i for keys in zip(*shares) for _, i in keys]  # rank 0's first, rank 1's first, rank 0's second, ...
     assert in_order == [in_order[3 * (k // 3)] for k in range(60)]  # the 3 copies of an image are side by side
 
@@ -920,7 +939,8 @@ def test_nonfinite_loss_stops_naming_the_term_and_keeps_the_checkpoint(reference
     result = run_vpl(*TINY, "--out", out, "--resume", "--epochs", "3", "--lr-vit", "1e30", "--max-bad-steps", "2",
                      check=False)
     assert result.returncode == 3, result.stderr[-2000:]
-    assert "non-finite loss at step" in result.stderr and "vit_ce" in result.stderr
+    warnings = [line for line in result.stderr.splitlines() if "non-finite loss at step" in line]
+    assert len(warnings) == 2 and "vit_ce" in warnings[0] and "(2/2 in a row)" in warnings[1]
     assert open(os.path.join(out, "last.pt"), "rb").read() == before
 
 
