@@ -861,7 +861,8 @@ print(json.dumps(results))
 
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
     d = tmp_path
-    (d / "no_val" / "train" / "a").mkdir(parents=True)
+    write_image_folder(d / "no_val", 1)
+    shutil.rmtree(d / "no_val" / "val")
     (d / "no_classes" / "train").mkdir(parents=True)
     (d / "no_classes" / "val").mkdir(parents=True)
     write_image_folder(d / "no_images", 1)
@@ -919,7 +920,36 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "no val images": ["--demo-val", "0"],
         "negative train images": ["--demo-train", "-5"],
         "no cuda": ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"],
+        "resume past --max-steps": [*TINY, "--resume", "--out", str(other), "--max-steps", "5"],
     }
+    messages = {  # what each line must say: the case fails for the reason it was written for
+        "missing path": "nowhere: no such folder", "no val split": "no 'val' folder",
+        "no class folders": "has no class folders", "no images": "has class folders but no images",
+        "val classes differ": "val classes differ", "pair weight": "--pair-weight must be in [0, 1]",
+        "stages": "--stages must satisfy", "temperature": "--pair-temp must be > 0",
+        "batch size": "--batch-size must be >= 1", "accumulation": "--accum-steps must be >= 1",
+        "unknown preset": "invalid choice: 'huge'", "unknown flag": "unrecognized arguments: --epoch",
+        "resume without checkpoint": "no checkpoint to resume from",
+        "resume other models": "made with cnn resnet_tiny, not vit_tiny",
+        "resume another global batch": "global batch 32 on 1 processes",
+        "resume with fewer epochs": "has trained 2 epochs, more than --epochs 1",
+        "resume inside the last epoch of fewer": "has trained 1.25 epochs, more than --epochs 1",
+        "resume with another data order": "made with repeat-aug 1, not 2",
+        "evaluate on another demo set": "made with seed 0, not 3",
+        "resume a foreign checkpoint": "not a checkpoint of this vpl.py", "drop-path of 1": "--drop-path must be in [0, 1)",
+        "negative lr": "--lr-vit must be >= 0", "unknown device": "invalid choice: 'tpu'",
+        "randaug beyond its scale": "--randaug must be at most 10", "fresh run over a checkpoint": "exists: pass --resume",
+        "init from a file that is no checkpoint": "vpl.py: not a readable checkpoint",
+        "init from a text file": "a_file: not a readable checkpoint", "init from a tensor": "holds a Tensor",
+        "resume a tensor": "holds a Tensor", "eval-only without checkpoint": "last.pt: no checkpoint",
+        "out is a file": "cannot make that folder", "lr of NaN": "--lr-vit must be a finite number",
+        "infinite temperature": "--pair-temp must be a finite number",
+        "warm-up of NaN": "--warmup-epochs must be a finite number", "seed beyond 64 bits": "--seed must be in [0, 2^32)",
+        "no val images": "--demo-val must be >= 1", "negative train images": "--demo-train must be >= 1",
+        "no cuda": "no CUDA device" if not torch.cuda.is_available() else "--epochs must be >= 1",
+        "resume past --max-steps": "has trained 24 steps, reaching --max-steps 5",
+    }
+    assert messages.keys() == cases.keys()
     cases = {name: [*args, *([] if "--out" in args else ["--out", str(d / "out")])] for name, args in cases.items()}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     ran = subprocess.run([sys.executable, "-c", MAIN_EACH], input=json.dumps(cases), capture_output=True, text=True,
@@ -928,7 +958,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
     for name, (code, stderr) in json.loads(ran.stdout.splitlines()[-1]).items():
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert code == 2, (name, stderr[-2000:])
-        assert len(lines) == 1 and lines[0].startswith("vpl: error:"), (name, stderr)
+        assert len(lines) == 1 and lines[0].startswith("vpl: error:") and messages[name] in lines[0], (name, stderr)
     assert open(other / "last.pt", "rb").read() == open(os.path.join(reference_run[0], "last.pt"), "rb").read()
 
 
