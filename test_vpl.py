@@ -642,6 +642,17 @@ def test_eval_only_reproduces_the_logged_accuracies_and_leaves_the_log_alone(ref
     assert open(os.path.join(out, "log.jsonl"), "rb").read() == before
 
 
+def test_a_run_starts_its_branches_from_the_init_files(reference_run, tmp_path):
+    ref = reference_run[0]  # at lr 0 a step leaves every weight where it started (BatchNorm's statistics move)
+    run_vpl(*TINY, "--init-vit", os.path.join(ref, "vit.pt"), "--init-cnn", os.path.join(ref, "cnn.pt"),
+            "--lr-vit", "0", "--lr-cnn", "0", "--max-steps", "1", "--out", str(tmp_path))
+    state = model_state(str(tmp_path))
+    for branch, model in (("vit", vpl.vit_tiny()), ("cnn", vpl.resnet_tiny())):
+        start = torch.load(os.path.join(ref, f"{branch}.pt"), weights_only=True)
+        for name, _ in model.named_parameters():
+            assert torch.equal(state[f"{branch}.{name}"], start[name]), (branch, name)
+
+
 def test_exported_branches_reproduce_their_best_val_accuracy(reference_run):
     out = reference_run[0]
     log, cfg = read_log(out), vpl.parse_config(TINY)
