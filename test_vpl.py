@@ -769,7 +769,12 @@ def test_gpus_without_bf16_units_fall_back_to_fp16(monkeypatch, capability, dtyp
 
 
 def test_compiled_bf16_step_matches_eager_and_lowers_the_loss():
-    eager, pair = tiny_pair(), tiny_pair()  # the same weights
+    eager, pair = tiny_pair(), tiny_pair()
+    with torch.no_grad():  # BatchNorm weights away from the ResNet's zero init, so that every gradient is non-zero
+        for m in eager.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    pair.load_state_dict(eager.state_dict())  # the same weights
     compiled = torch.compile(pair)
     criterion, scaler = vpl.PairLoss(), torch.amp.GradScaler("cpu", enabled=False)
     opt = torch.optim.AdamW(pair.parameters(), lr=1e-3)
@@ -779,8 +784,10 @@ def test_compiled_bf16_step_matches_eager_and_lowers_the_loss():
     got = vpl.train_step(compiled, criterion, images, targets, 0.5, torch.bfloat16, scaler)
     for name, value in want.items():  # bf16 rounds differently once kernels are fused: a bf16 tolerance
         assert got[name].item() == pytest.approx(value.item(), rel=5e-3, abs=1e-4), name
-    for p, q in zip(eager.parameters(), pair.parameters()):
-        assert F.cosine_similarity(p.grad.flatten(), q.grad.flatten(), dim=0) > 0.999 or p.grad.norm() < 1e-6
+    for part in ("vit", "cnn", "pair_head"):  # each part's whole gradient (bf16 noise is large on single tensors)
+        g_eager, g_compiled = (torch.cat([p.grad.flatten() for p in getattr(m, part).parameters()]) for m in (eager, pair))
+        assert F.cosine_similarity(g_eager, g_compiled, dim=0) > 0.97, part  # measured: 1.000, 0.990, 1.000
+        assert g_compiled.norm().item() == pytest.approx(g_eager.norm().item(), rel=0.05), part
     opt.zero_grad()
     losses = []
     for _ in range(6):
@@ -1050,6 +1057,7 @@ def test_a_stop_at_an_epochs_end_stops_at_once_and_resume_is_bit_identical(refer
     if function == "max-steps":
         stopped = run_vpl(*TINY, "--out", out, "--max-steps", str(call))
         assert len(read_log(out)) == 1 and "stopped at step 12 (max_steps)" in stopped.stdout
+        assert "continue with --resume and a higher --max-steps" in stopped.stdout
         again = run_vpl(*TINY, "--out", out, "--resume", "--max-steps", str(call), check=False)  # nothing left to do
         assert again.returncode == 2 and again.stderr.startswith("vpl: error:") and "max-steps" in again.stderr
     else:  # with --max-steps 12 too, which the signal before the evaluation must not make unreachable
