@@ -4,10 +4,11 @@ A ViT-B/16 and a ResNet-50 train side by side on the same batches. A pair learni
 branch learn from its partner during the middle stage of training, so that both end better than alone
 (the paper's claim).
 Written here from scratch: both branches, the pair loss and the staged schedule; around them the
-training loop, on torchvision's transforms and PyTorch's DDP, with a CUDA fast path. Beyond the paper's abstract the method is our
-reconstruction (README, "The method"); every choice is a flag. Measured (README): the CPU demo ends at
-ViT 89.9% / CNN 85.8% val top-1 in 2m32s on 2 cores; the README's ablation tests whether pairing helps,
-and its "Performance" gives throughput against torchvision's models on a CPU and on one H100.
+training loop, on torchvision's transforms and PyTorch's DDP, with a CUDA fast path. Beyond the paper's
+abstract the method is our reconstruction (README, "The method"); every choice is a flag. Measured
+(README): the CPU demo ends at ViT 89.9% / CNN 85.8% val top-1 in 2m32s on 2 cores; the README's
+ablation tests whether pairing helps, and its "Performance" gives throughput against torchvision's
+models on a CPU and on one H100.
 
     python vpl.py                                          # CPU demo: tiny branches, built-in data
     torchrun --nproc_per_node=8 vpl.py --data /imagenet    # the real job: ViT-B/16 + ResNet-50
@@ -1127,8 +1128,8 @@ def choose_precision(cfg, device, log):
 
 # ------------------------------------------------------------------------------------------ bench
 # Dense peak FLOP/s by the vendors' datasheets (bf16/fp16, tf32): the denominators of MFU.
-PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100 NVL": (835e12, 418e12), "H100": (989e12, 495e12), "H200": (989e12, 495e12),
-              "A100": (312e12, 156e12)}  # the first name found in the GPU's name counts
+PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100 NVL": (835e12, 418e12), "H100": (989e12, 495e12),
+              "H200": (989e12, 495e12), "A100": (312e12, 156e12)}  # the first name found in the GPU's name counts
 
 
 def timed(fn, device, calls=3):
@@ -1357,7 +1358,8 @@ def run(cfg):
         f"{global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps; amp {amp_dtype}, compile {compile_}, "
         f"device {device}")
     log(f"lr rule: ViT-type {cfg.lr_vit} x {global_batch}/512 (AdamW), ResNet-type {cfg.lr_cnn} x {global_batch}/1024 "
-        f"(SGD) -> {cfg.vit} {schedules[0][1]:.3g}, {cfg.cnn} {schedules[-1][1]:.3g}; warm-up {warmup_steps} steps, then cosine")
+        f"(SGD) -> {cfg.vit} {schedules[0][1]:.3g}, {cfg.cnn} {schedules[-1][1]:.3g}; warm-up {warmup_steps} steps, "
+        "then cosine")
     if warmup_steps >= total_steps:
         log(f"vpl: warning: the warm-up (--warmup-epochs {cfg.warmup_epochs:g}) spans the whole run: the lr never anneals",
             file=sys.stderr)
