@@ -514,17 +514,18 @@ def test_the_loop_steps_with_the_lr_pair_weight_and_accumulation_computed_by_han
 
 
 def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_path):
-    # 384 images in micro-batches of 20: 19 per epoch, 9 optimizer steps and one leftover micro-batch;
+    # 192 images in micro-batches of 20: 9 per epoch, 4 optimizer steps and one leftover micro-batch;
     # SIGTERM at the first epoch's last step: it stops before the evaluation, and stage 2 starts with the second
     # epoch, so the resumed epoch, with no step left, must log the first one's stage
-    options = [*TINY, "--batch-size", "20", "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.8", "--cutmix", "1.0",
+    options = [*TINY, "--demo-train", "192", "--batch-size", "20", "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.8",
+               "--cutmix", "1.0",
                "--clip-grad", "1.0", "--amp", "fp16", "--randaug", "9", "--reprob", "0.25", "--stages", "0.5,0.75",
                "--seed", "20240101"]  # a date as seed: MixUp's per-step seeds must not overflow
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
     run_vpl(*options, "--out", whole)
-    stopped = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, "apply_step", "9", "0", "signal", *options,
+    stopped = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, "apply_step", "4", "0", "signal", *options,
                               "--out", parts], capture_output=True, text=True, cwd=HERE, timeout=300)
-    assert "stopped at step 9 (signal)" in stopped.stdout, stopped.stderr[-3000:]
+    assert "stopped at step 4 (signal)" in stopped.stdout, stopped.stderr[-3000:]
     assert not os.path.exists(os.path.join(parts, "log.jsonl"))  # the first epoch is not evaluated yet
     run_vpl(*options, "--out", parts, "--resume")
     a, b = (torch.load(os.path.join(d, "last.pt"), weights_only=True) for d in (whole, parts))
