@@ -1378,7 +1378,7 @@ def run(cfg):
         save_checkpoint(ckpt_path, parts, meta, rank, world)
 
     def saved_and_stopped(reason):
-        limited = cfg.max_steps and step >= cfg.max_steps and step_in_epoch < steps_per_epoch  # as resume_from says
+        limited = cfg.max_steps and step >= cfg.max_steps and step_in_epoch < steps_per_epoch  # as run() checks a resume
         more = " and a higher --max-steps (or none)" if limited else ""
         log(f"stopped at step {step} ({reason}); saved {ckpt_path}; continue with --resume{more}")
         return reason
