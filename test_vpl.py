@@ -1,5 +1,6 @@
 """Promises vpl.py keeps, one per test. CPU only, tiny configurations, nothing downloaded.
 Run: python -m pytest -q test_vpl.py"""
+import argparse
 import collections
 import json
 import math
@@ -147,7 +148,7 @@ def test_position_embedding_resize_keeps_cls_and_the_grids_function():
     assert (resized[:, 1:] - grid(24)).abs().view(24, 24)[2:-2, 2:-2].max() < 0.03  # align_corners=True: 0.07
 
 
-def test_fine_tuning_loads_torchvision_and_deit_checkpoints_with_a_new_head_at_another_size():
+def test_fine_tuning_loads_torchvision_and_deit_checkpoints_with_a_new_head_at_another_size(tmp_path):
     torch.manual_seed(0)
     source = torchvision.models.vit_b_16()
     target = vpl.vit_b_16(num_classes=5, img_size=256)
@@ -156,6 +157,18 @@ def test_fine_tuning_loads_torchvision_and_deit_checkpoints_with_a_new_head_at_a
     assert torch.equal(target.blocks[3].attn.qkv.weight, source.encoder.layers[3].self_attention.in_proj_weight)
     assert torch.equal(target.head.weight, head_before)  # 1000 -> 5 classes: the head starts afresh
     assert target.pos_embed.shape == (1, 1 + 16 * 16, 768)
+    # torchvision's released ViT file has the MLP's older names, which torchvision itself still reads
+    old = {k.replace("mlp.0", "mlp.linear_1").replace("mlp.3", "mlp.linear_2"): v for k, v in source.state_dict().items()}
+    torchvision.models.vit_b_16().load_state_dict(old, strict=True)
+    fresh = vpl.vit_b_16()
+    vpl.load_branch_weights(fresh, old)
+    assert torch.equal(fresh.blocks[5].mlp.fc2.weight, source.encoder.layers[5].mlp[3].weight)
+    # a checkpoint of DeiT's, timm's or torchvision's trainers also holds their argparse arguments
+    small = vpl.vit_tiny()
+    torch.save({"model": small.state_dict(), "args": argparse.Namespace(lr=5e-4, model="deit")}, tmp_path / "deit.pth")
+    copy = vpl.vit_tiny(drop_path=0.0)
+    vpl.load_branch_weights(copy, vpl.load_checkpoint(str(tmp_path / "deit.pth")))
+    assert torch.equal(copy.pos_embed, small.pos_embed)
     cnn = vpl.resnet50(num_classes=5)
     vpl.load_branch_weights(cnn, torchvision.models.resnet50().state_dict())
     with pytest.raises(vpl.UserError):
@@ -1250,6 +1263,11 @@ def test_bench_prints_every_figure(capsys, tmp_path):
         assert 0 < low <= median <= high
     # the pair step counts both branches' FLOPs and its small head's
     assert 0.99 <= rows["pair"][3] / (rows["ViT"][3] + rows["CNN"][3]) <= 1.05  # printed to 3 digits
+    # the ViT's, counted by hand as multiply-adds of its matmuls: vit_tiny, 64 patches + cls, width 128, MLP 256
+    tokens, dim, hidden = 65, 128, 256
+    block = tokens * dim * 3 * dim + 2 * tokens * tokens * dim + tokens * dim * dim + 2 * tokens * dim * hidden
+    macs = 64 * dim * 3 * 4 * 4 + 4 * block + dim * 10
+    assert rows["ViT"][3] == pytest.approx(3 * 2 * macs / 1e9, rel=0.005)  # training: 3x the forward
     assert re.search(r"pair overhead vs ViT \+ CNN alone: [+-]\d+\.\d%", printed), printed
     write_image_folder(tmp_path, 12)  # with --data, the input pipeline alone too
     vpl.main(["--bench", "--data", str(tmp_path), *FOLDER_ARGS])

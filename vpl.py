@@ -310,7 +310,8 @@ def vit_from_torchvision(state_dict):
                ("encoder.pos_embedding", "pos_embed"), ("encoder.ln.", "norm."), ("heads.head", "head"),
                ("encoder.layers.encoder_layer_", "blocks."), ("ln_1", "norm1"), ("ln_2", "norm2"),
                ("self_attention.in_proj_", "attn.qkv."), ("self_attention.out_proj", "attn.proj"),
-               ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2")]
+               ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2"),
+               ("mlp.linear_1", "mlp.fc1"), ("mlp.linear_2", "mlp.fc2")]  # older names: the released weights' file
     out = {}
     for key, value in state_dict.items():
         for old, new in renames:
@@ -896,6 +897,11 @@ def save_atomic(obj, path):
         raise UserError(f"cannot write {path} ({e.strerror or e}); the previous one is left as it was") from None
 
 
+def cpu_state(module):
+    """A module's state dict on the CPU: an exported branch then loads on any machine, with or without a GPU."""
+    return {k: v.cpu() for k, v in module.state_dict().items()}
+
+
 def rng_state(world):
     """Every rank's CPU (and CUDA) RNG state, gathered: drop-path masks differ per rank."""
     state = {"cpu": torch.get_rng_state()}
@@ -912,6 +918,7 @@ def load_checkpoint(path):
     """torch.load with weights_only=True of a file that must hold a dict; anything else is a one-line error."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint")
+    torch.serialization.add_safe_globals([argparse.Namespace])  # the `args` that DeiT's, timm's and torchvision's trainers save
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file that is not a checkpoint fails in many ways: KeyError, IndexError, ...
@@ -1154,6 +1161,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
     for the ImageNet preset, timed in turn over 5 rounds (median, spread); compile time reported apart."""
     import gc
     import torchvision
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
     cuda, B = device.type == "cuda", cfg.batch_size
     images = torch.randn(B, 3, cfg.img_size, cfg.img_size, device=device)
@@ -1192,7 +1200,8 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
                 in_flight.pop(0)()
         first = timed(step, device, calls=1)  # compiles, if compiling
         timed(step, device, calls=2)  # warm-up: allocator, cuDNN algorithm choice
-        with FlopCounterMode(display=False) as counter:
+        # attention as matmuls: the counter has no formula for the CPU's fused attention kernel and would count 0
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             model(images[:1])
         memory = torch.cuda.max_memory_allocated() - resident if cuda else 0
         return step, first, 3 * counter.get_total_flops(), memory  # training ~ 3x the forward's FLOPs
@@ -1204,7 +1213,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
                              .to(memory_format=torch.channels_last), cfg.cnn),
               "pair": prepare(build_pair(cfg, num_classes), cfg.vit, pair=True)}
     if cfg.vit == "vit_b_16" and cfg.cnn == "resnet50":
-        models["torchvision ViT"] = prepare(torchvision.models.vit_b_16(num_classes=num_classes), "vit")
+        models["torchvision ViT"] = prepare(torchvision.models.vit_b_16(num_classes=num_classes, image_size=cfg.img_size), "vit")
         models["torchvision CNN"] = prepare(torchvision.models.resnet50(num_classes=num_classes)
                                             .to(memory_format=torch.channels_last), "resnet")
     # every model steps once per round, in turn: a drift of the machine's speed hits all of them alike
@@ -1477,7 +1486,7 @@ def run(cfg):
                 if result[f"val_{branch}_top1"] > best[branch]:
                     best[branch] = result[f"val_{branch}_top1"]
                     if main_rank:
-                        save_atomic(getattr(pair, branch).state_dict(), os.path.join(cfg.out, f"{branch}.pt"))
+                        save_atomic(cpu_state(getattr(pair, branch)), os.path.join(cfg.out, f"{branch}.pt"))
             if main_rank:
                 try:
                     with open(log_path, "a") as f:
@@ -1500,7 +1509,7 @@ def run(cfg):
     if stopped is None:
         if ema is not None and main_rank:
             for branch in ("vit", "cnn"):
-                save_atomic(getattr(ema, branch).state_dict(), os.path.join(cfg.out, f"{branch}_ema.pt"))
+                save_atomic(cpu_state(getattr(ema, branch)), os.path.join(cfg.out, f"{branch}_ema.pt"))
         log(text_chart(history, (s1, s2), cfg.epochs))
         log(f"best val top-1: ViT {best['vit']:.2f}, CNN {best['cnn']:.2f}; weights in {cfg.out}/vit.pt, cnn.pt")
     if world > 1:  # every rank gets here together; after a crash on one rank, torchrun ends the others
