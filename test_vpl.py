@@ -2,6 +2,7 @@
 Run: python -m pytest -q test_vpl.py"""
 import argparse
 import collections
+import io
 import json
 import math
 import os
@@ -935,6 +936,10 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
     (d / "tensor").mkdir()
     torch.save(torch.zeros(2), d / "tensor" / "last.pt")  # a readable file, but no dict
     (d / "a_file").write_text("hello")  # torch.load of it raises a KeyError
+    write_image_folder(d / "images", 16)  # 32 train images, where the run below was saved with 40
+    (d / "other_data").mkdir()
+    torch.save({**torch.load(other / "last.pt", weights_only=True), "num_classes": 2, "train_images": 40},
+               d / "other_data" / "last.pt")
     (d / "stopped").mkdir()  # as if stopped 3 steps into its second epoch
     ckpt = torch.load(other / "last.pt", weights_only=True)
     torch.save({**ckpt, "epoch": 1, "step_in_epoch": 3}, d / "stopped" / "last.pt")
@@ -964,6 +969,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
                                            [*TINY, "--resume", "--out", str(other), "--repeat-aug", "2"]),
         "evaluate on another demo set": ("made with seed 0, not 3",
                                          [*TINY, "--eval-only", "--out", str(other), "--seed", "3"]),
+        "resume on another train set": ("made with train-images 40, not 32", [*TINY, "--preset", "demo", "--data",
+                                        str(d / "images"), "--resume", "--out", str(d / "other_data")]),
         "resume a foreign checkpoint": ("not a checkpoint of this vpl.py",
                                         [*TINY, "--resume", "--out", str(d / "foreign")]),
         "drop-path of 1": ("--drop-path must be in [0, 1)", ["--drop-path", "1"]),
@@ -1093,7 +1100,7 @@ def test_a_nonfinite_forward_leaves_the_weights_and_batchnorm_statistics_of_the_
     result = subprocess.run([sys.executable, "-c", SIGNAL_ON_CALL, "train_step", "3", "0", "nan", *TINY,
                              "--cnn", partner, "--max-steps", "3", "--out", nan], capture_output=True, text=True, cwd=HERE)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "non-finite loss at step 2 in vit_ce, vit_kd, cnn_ce" in result.stderr
+    assert "non-finite loss at step 3 in vit_ce, vit_kd, cnn_ce" in result.stderr  # counted from 1, as the progress line
     run_vpl(*TINY, "--cnn", partner, "--max-steps", "2", "--out", clean)
     after_nan, after_two = model_state(nan), model_state(clean)
     counters = [k for k in after_two if k.endswith("num_batches_tracked")]
@@ -1129,6 +1136,17 @@ print((targets.max(1).values > 0.999).float().mean().item())
 def test_a_failed_write_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
     vpl.save_atomic({"step": 1}, path)
+
+    class FillsUp(io.FileIO):  # a disk that fills up 1 kB into the file: torch.save then raises a RuntimeError
+        def write(self, data):
+            if self.tell() + len(data) > 1000:
+                raise OSError(28, "No space left on device")
+            return super().write(data)
+    monkeypatch.setattr(vpl, "open", lambda name, mode: io.BufferedWriter(FillsUp(name, mode)), raising=False)
+    with pytest.raises(vpl.UserError, match="No space left on device"):
+        vpl.save_atomic({"weight": torch.zeros(10_000)}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1} and os.listdir(tmp_path) == ["last.pt"]
+    monkeypatch.undo()
 
     def disk_full(obj, f):
         f.write(b"partial")
@@ -1199,10 +1217,10 @@ import io, os, signal, sys, torch
 sys.path.insert(0, {HERE!r})
 import vpl
 save, writes = torch.save, []
-def half_then_kill(obj, f):  # the second write of last.pt stops half way: SIGKILL, as a preempted node
+def half_then_kill(obj, f):  # the KILL_AT-th write of last.pt stops half way: SIGKILL, as a preempted node
     if os.path.basename(getattr(f, "name", "")).startswith("last.pt"):
         writes.append(1)
-        if len(writes) == 2:
+        if len(writes) == int(os.environ.get("KILL_AT", 2)):
             whole = io.BytesIO()
             save(obj, whole)
             f.write(whole.getvalue()[:len(whole.getvalue()) // 2])
@@ -1222,6 +1240,17 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_which_resumes_
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 1  # the first epoch's, whole
     run_vpl(*TINY, "--out", out, "--resume")
     assert not [name for name in os.listdir(out) if ".tmp" in name]
+    assert_same_weights(model_state(out), model_state(reference_run[0]))
+    assert_same_log(out, reference_run[0])
+
+
+def test_a_kill_during_the_first_checkpoint_write_leaves_a_fresh_start_a_log_of_its_own(reference_run, tmp_path):
+    out = str(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, *TINY, "--out", out], capture_output=True, cwd=HERE,
+                            env={**os.environ, "KILL_AT": "1"})
+    assert killed.returncode == -signal.SIGKILL
+    assert len(read_log(out)) == 1 and not os.path.exists(os.path.join(out, "last.pt"))  # epoch 0 logged, not saved
+    run_vpl(*TINY, "--out", out, "--auto-resume")  # nothing to resume: a fresh start
     assert_same_weights(model_state(out), model_state(reference_run[0]))
     assert_same_log(out, reference_run[0])
 

@@ -891,10 +891,13 @@ def save_atomic(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError raised over the OSError
         with contextlib.suppress(OSError):
             os.remove(partial)
-        raise UserError(f"cannot write {path} ({e.strerror or e}); the previous one is left as it was") from None
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise
+        raise UserError(f"cannot write {path} ({error.strerror or error}); any previous one is left as it was") from None
 
 
 def cpu_state(module):
@@ -991,7 +994,7 @@ def save_checkpoint(path, parts, meta, rank, world):
         dist.barrier()  # nobody runs ahead (or exits) while rank 0 writes
 
 
-def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
+def resume_from(path, cfg, parts, num_classes, train_images, global_batch, world, rank):
     """Loads every part that the checkpoint holds, after checking that it was made by the same setup,
     and (to train on) this rank's RNG state; returns the checkpoint."""
     ckpt = load_checkpoint(path)
@@ -999,10 +1002,11 @@ def resume_from(path, cfg, parts, num_classes, global_batch, world, rank):
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: not a checkpoint of this vpl.py")
     # a key that a checkpoint predates has its default (--repeat-aug 1)
-    made = {**asdict(Config()), **ckpt["config"], "classes": ckpt["num_classes"]}
-    now = {**asdict(cfg), "classes": num_classes}
+    made = {**asdict(Config()), **ckpt["config"], "classes": ckpt["num_classes"],
+            "train_images": ckpt.get("train_images", train_images)}
+    now = {**asdict(cfg), "classes": num_classes, "train_images": train_images}
     demo = ("seed", "demo_train", "demo_val") if made["data"] == now["data"] == "demo" else ()  # the demo's images
-    order = () if cfg.eval_only else ("seed", "repeat_aug")  # the data order, which a resume continues
+    order = () if cfg.eval_only else ("seed", "repeat_aug", "train_images")  # the data order, which a resume continues
     for key in ("vit", "cnn", "img_size", "classes", *demo, *order):
         if made[key] != now[key]:
             raise UserError(f"{path} was made with {key.replace('_', '-')} {made[key]}, not {now[key]}")
@@ -1078,7 +1082,7 @@ class Progress:
         nonfinite = [k for k in nonfinite if k != "total"] or nonfinite  # name the terms, not their sum
         self.bad_steps = self.bad_steps + 1 if nonfinite else 0
         if nonfinite:
-            self.log(f"vpl: warning: non-finite loss at step {flight.step} in {', '.join(nonfinite)}: its gradients "
+            self.log(f"vpl: warning: non-finite loss at step {flight.step + 1} in {', '.join(nonfinite)}: its gradients "
                      f"were not applied ({self.bad_steps}/{cfg.max_bad_steps} in a row)", file=sys.stderr)
         else:
             self.sums = [s + v for s, v in zip(self.sums, values)] if self.sums else values
@@ -1287,9 +1291,11 @@ def run(cfg):
             raise UserError(f"--out {cfg.out}: cannot make that folder ({e.strerror or e})") from None
         if not os.access(cfg.out, os.W_OK):
             raise UserError(f"--out {cfg.out}: no write access")
-        for name in os.listdir(cfg.out) if main_rank else ():  # temp files of writes a kill cut short (save_atomic)
+        for name in os.listdir(cfg.out) if main_rank else ():
             stem, _, pid = name.partition(".tmp")
-            if pid.isdigit() and stem in ("last.pt", "log.jsonl", "vit.pt", "cnn.pt", "vit_ema.pt", "cnn_ema.pt"):
+            partial = pid.isdigit() and stem in ("last.pt", "log.jsonl", "vit.pt", "cnn.pt", "vit_ema.pt", "cnn_ema.pt")
+            orphan = name == "log.jsonl" and not resume and os.path.isfile(os.path.join(cfg.out, name))
+            if partial or orphan:  # a write that a kill cut short (save_atomic); the log of a run whose last.pt never landed
                 os.remove(os.path.join(cfg.out, name))
 
     if cfg.bench and cfg.data in DATASETS:  # synthetic batches: no data set to build
@@ -1323,7 +1329,7 @@ def run(cfg):
 
     # STAGE 4: resume, the EMA, compile ----------------------------------------------------------------
     loaded = {"model": pair} if cfg.eval_only else parts  # evaluation needs no optimizer
-    ckpt = resume_from(ckpt_path, cfg, loaded, num_classes, global_batch, world, rank) if resume else {}
+    ckpt = resume_from(ckpt_path, cfg, loaded, num_classes, len(train_set), global_batch, world, rank) if resume else {}
     start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
     if start_epoch + (step_in_epoch > 0) > cfg.epochs and not cfg.eval_only:
         trained = start_epoch + step_in_epoch / steps_per_epoch
@@ -1382,7 +1388,7 @@ def run(cfg):
 
     def checkpoint(epoch, step_in_epoch):
         meta = {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "config": asdict(cfg),
-                "num_classes": num_classes, "rng": rng_state(world), "global_batch": global_batch, "world": world,
+                "num_classes": num_classes, "train_images": len(train_set), "rng": rng_state(world), "global_batch": global_batch, "world": world,
                 "epoch_totals": progress.state() if step_in_epoch else None, "bad_steps": progress.bad_steps}
         save_checkpoint(ckpt_path, parts, meta, rank, world)
 
