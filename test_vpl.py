@@ -871,6 +871,37 @@ def test_image_folder_trains_and_a_corrupt_image_is_replaced_or_left_out_with_a_
         assert value == pytest.approx(log[key], abs=1e-9), key
 
 
+def test_an_unreadable_image_or_one_its_transform_fails_on_is_replaced_by_the_next_one():
+    from PIL import Image
+    class Images(torch.utils.data.Dataset):  # image i is i pixels wide; ImageFolder's `targets`
+        targets = list(range(40))
+        def __len__(self):
+            return 40
+        def __getitem__(self, i):
+            if i in (3, 20):
+                raise OSError("truncated file")
+            return Image.new("RGB", (i + 1, 8)), i
+    def transform(image):  # fails on wide images, as Resize runs out of memory on a very thin one
+        if image.width > 20 and image.height == 8:
+            raise MemoryError
+        return torch.tensor(image.width)
+    data = vpl.Augmented(Images(), transform, seed=0)
+    assert data[0, 2] == (3, 2, 0)
+    assert data[0, 3] == (5, 4, 1)      # unreadable: the next image, flagged
+    assert data[0, 39] == (1, 0, 1)     # its transform fails: the next image (the first), flagged
+    image, label, flagged = data[0, 24]  # 24..39 all fail: a black 32 px stand-in, flagged, with image 24's label
+    assert (image.item(), label, flagged) == (32, 24, 1)
+
+
+def test_a_split_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
+    write_image_folder(tmp_path, 1)
+    def denied(path):  # as chmod 000 does to anyone but root
+        raise PermissionError(13, "Permission denied", path)
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.raises(vpl.UserError, match=r"cannot list .*train \(Permission denied\)"):
+        vpl.check_image_folder(str(tmp_path))
+
+
 def test_image_folder_check_accepts_images_in_subfolders_as_image_folder_does(tmp_path):
     import torchvision
     write_image_folder(tmp_path, 2)
@@ -896,7 +927,15 @@ def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path, spli
     assert result.returncode == (3 if split == "train" else 2) and "Traceback" not in result.stderr, result.stderr[-2000:]
     message = "unreadable images this epoch" if split == "train" else "none of the 8 val images could be read"
     assert result.stderr.splitlines()[-1].startswith("vpl: error: ") and message in result.stderr
-    assert open(os.path.join(out, "last.pt"), "rb").read() == before
+    if split == "train":  # images the run trained on as black: nothing of this epoch is kept
+        assert open(os.path.join(out, "last.pt"), "rb").read() == before
+        return
+    saved = torch.load(os.path.join(out, "last.pt"), weights_only=True)  # the epoch's steps, not yet evaluated
+    assert (saved["epoch"], saved["step"], saved["step_in_epoch"]) == (1, 6, 3)
+    write_image_folder(data, 12)  # val repaired: the resume evaluates the epoch without training it again
+    resumed = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "2", "--out", out, "--resume")
+    assert "resumed from" in resumed.stdout and "step 6/6" not in resumed.stdout
+    assert [h["epoch"] for h in read_log(out)] == [0, 1] and read_log(out)[1]["val_images"] == 8
 
 
 MAIN_EACH = f"""
@@ -924,9 +963,12 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
     (d / "no_classes" / "train").mkdir(parents=True)
     (d / "no_classes" / "val").mkdir(parents=True)
     write_image_folder(d / "no_images", 1)
+    for image in (d / "no_images" / "val" / "bee").iterdir():
+        image.unlink()
+    (d / "no_images" / "val" / "bee" / "notes.txt").write_text("no image")
+    write_image_folder(d / "one_class", 1)
     for split in ("train", "val"):
-        shutil.rmtree(d / "no_images" / split)
-        (d / "no_images" / split / "a").mkdir(parents=True)
+        shutil.rmtree(d / "one_class" / split / "bee")
     write_image_folder(d / "mismatch", 1)
     os.rename(d / "mismatch" / "val" / "bee", d / "mismatch" / "val" / "wasp")
     other = d / "other"
@@ -946,8 +988,12 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
     cases = {  # name: (what its one line must say, so it fails for its own reason; the flags)
         "missing path": ("nowhere: no such folder", ["--data", str(d / "nowhere")]),
         "no val split": ("no 'val' folder", ["--data", str(d / "no_val")]),
-        "no class folders": ("has no class folders", ["--data", str(d / "no_classes")]),
-        "no images": ("has class folders but no images", ["--data", str(d / "no_images")]),
+        "no class folders": ("has 0 class folders", ["--data", str(d / "no_classes")]),
+        "one class": ("train has 1 class folders, a classifier needs 2 or more", ["--data", str(d / "one_class")]),
+        "a class without images": (f"{d / 'no_images' / 'val' / 'bee'} holds no images", ["--data", str(d / "no_images")]),
+        "data is a file": ("a_file: not a folder", ["--data", str(d / "a_file")]),
+        "repeat-aug beyond the data": ("--repeat-aug 20 leaves 19 images an epoch, fewer than one global batch (32)",
+                                       [*TINY, "--repeat-aug", "20"]),
         "val classes differ": ("val classes differ", ["--data", str(d / "mismatch")]),
         "pair weight": ("--pair-weight must be in [0, 1]", ["--pair-weight", "1.5"]),
         "stages": ("--stages must satisfy", ["--stages", "0.9,0.1"]),

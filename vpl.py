@@ -536,8 +536,8 @@ def make_demo(n, seed, img_size=32, classes=10):
 class Augmented(Dataset):
     """Wraps a dataset: item (epoch, i) is base[i] transformed with an RNG seeded from (seed, epoch, i),
     so a run's augmentation does not depend on workers or on where it resumed. An unreadable image is
-    reported once and replaced by the next readable one (a black image after 16 unreadable in a row); the
-    third output flags that (evaluation leaves it out)."""
+    reported once and replaced by the next readable one (a black one of its class after 16 unreadable in a
+    row); the third output flags that (evaluation leaves it out)."""
 
     def __init__(self, base, transform, seed):
         self.base, self.transform, self.seed, self.warned = base, transform, seed, set()
@@ -551,18 +551,20 @@ class Augmented(Dataset):
             j = (index + attempt) % len(self.base)
             try:
                 image, label = self.base[j]
-                break
-            except Exception as e:  # PIL's errors for corrupt, truncated or oversized (decompression bomb) files
+                return self.augment(image, epoch, index), int(label), int(attempt > 0)
+            except Exception as e:  # PIL's errors for corrupt, truncated, oversized (a bomb) or too thin images
                 if j not in self.warned:
                     self.warned.add(j)
                     path = self.base.samples[j][0] if hasattr(self.base, "samples") else j
                     print(f"vpl: warning: unreadable image {path} ({type(e).__name__}); skipped", file=sys.stderr)
-        else:  # a broken folder: flagged like the others, so that the run stops with one line, not a traceback
-            from PIL import Image
-            image, label = Image.new("RGB", (32, 32)), 0
+        from PIL import Image  # a broken folder: flagged like the others, so that the run stops with one line
+        label = self.base.targets[index] if hasattr(self.base, "targets") else 0
+        return self.augment(Image.new("RGB", (32, 32)), epoch, index), int(label), 1
+
+    def augment(self, image, epoch, index):
         with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG stays untouched; GPUs are not touched
             torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2 ** 63)
-            return self.transform(image), int(label), int(attempt > 0)
+            return self.transform(image)
 
 
 class EpochSampler(Sampler):
@@ -616,18 +618,22 @@ def check_image_folder(root):
     """Checks an ImageNet-style root before any heavy work; returns the class names."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
     if not os.path.isdir(root):
-        raise UserError(f"--data {root}: no such folder")
+        raise UserError(f"--data {root}: " + ("not a folder" if os.path.exists(root) else "no such folder"))
     classes = {}
     for split in ("train", "val"):
         path = os.path.join(root, split)
         if not os.path.isdir(path):
             raise UserError(f"--data {root}: no '{split}' folder (expected {root}/train/<class>/*.jpg and val/)")
-        classes[split] = sorted(d.name for d in os.scandir(path) if d.is_dir())
-        if not classes[split]:
-            raise UserError(f"--data {root}: {path} has no class folders")
-        files = (f for c in classes[split] for _, _, fs in os.walk(os.path.join(path, c), followlinks=True) for f in fs)
-        if not any(f.lower().endswith(IMG_EXTENSIONS) for f in files):  # in subfolders too, as ImageFolder reads them
-            raise UserError(f"--data {root}: {path} has class folders but no images")
+        try:
+            classes[split] = sorted(d.name for d in os.scandir(path) if d.is_dir())
+        except OSError as e:
+            raise UserError(f"--data {root}: cannot list {path} ({e.strerror})") from None
+        if len(classes[split]) < 2:
+            raise UserError(f"--data {root}: {path} has {len(classes[split])} class folders, a classifier needs 2 or more")
+        for c in classes[split]:  # the first image of each class, in subfolders too, as ImageFolder reads them
+            files = (f for _, _, fs in os.walk(os.path.join(path, c), followlinks=True) for f in fs)
+            if not any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+                raise UserError(f"--data {root}: {os.path.join(path, c)} holds no images")
     if classes["train"] != classes["val"]:
         extra = sorted(set(classes["train"]) ^ set(classes["val"]))[:3]
         raise UserError(f"--data {root}: val classes differ from train's (e.g. {extra})")
@@ -658,7 +664,7 @@ def build_datasets(cfg, rank=0, world=1):
         try:
             train = torchvision.datasets.ImageFolder(os.path.join(cfg.data, "train"))
             val = torchvision.datasets.ImageFolder(os.path.join(cfg.data, "val"))
-        except FileNotFoundError as e:  # a class folder without images
+        except OSError as e:  # a folder that cannot be read
             raise UserError(f"--data {cfg.data}: {e}") from None
     train_tf, val_tf = build_transforms(cfg, from_files=cfg.data not in DATASETS)
     return Augmented(train, train_tf, cfg.seed), Augmented(val, val_tf, cfg.seed), classes
@@ -1096,7 +1102,7 @@ class Progress:
             return "nonfinite"
         if self.bad_images > 0.01 * self.train_size:
             self.log(f"vpl: error: {self.bad_images} unreadable images this epoch (> 1%): check --data; "
-                     f"{self.ckpt_path} is left as it was", file=sys.stderr)
+                     f"this epoch is not saved over {self.ckpt_path}", file=sys.stderr)
             return "bad_images"
         return "signal" if flags[-1] else None
 
@@ -1308,6 +1314,9 @@ def run(cfg):
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise UserError(f"the train split ({len(train_set)} images) is smaller than one global batch ({global_batch})")
+    if len(train_set) // cfg.repeat_aug < global_batch:  # or a batch would hold copies of the same few images
+        raise UserError(f"--repeat-aug {cfg.repeat_aug} leaves {len(train_set) // cfg.repeat_aug} images an epoch, "
+                        f"fewer than one global batch ({global_batch})")
     if cfg.bench:
         return bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log)
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
@@ -1482,7 +1491,11 @@ def run(cfg):
 
             # evaluate, log, save ------------------------------------------------------------------------------
             train_stats = progress.summary()
-            result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
+            try:
+                result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
+            except UserError:  # a damaged val split: keep the steps, and --resume evaluates them once it is fixed
+                checkpoint(epoch, steps_per_epoch)
+                raise
             record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result, **train_stats,
                       "time_s": time.perf_counter() - t_epoch}
             history.append(record)
