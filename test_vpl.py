@@ -1017,6 +1017,8 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
                                          [*TINY, "--eval-only", "--out", str(other), "--seed", "3"]),
         "resume on another train set": ("made with train-images 40, not 32", [*TINY, "--preset", "demo", "--data",
                                         str(d / "images"), "--resume", "--out", str(d / "other_data")]),
+        "a batch of one image at 8 px": ("--batch-size 1 at 8 px leaves BatchNorm one value per channel",
+                                         ["--batch-size", "1", "--img-size", "8"]),
         "resume a foreign checkpoint": ("not a checkpoint of this vpl.py",
                                         [*TINY, "--resume", "--out", str(d / "foreign")]),
         "drop-path of 1": ("--drop-path must be in [0, 1)", ["--drop-path", "1"]),

@@ -164,6 +164,10 @@ def check_config(cfg):
     patch = max(4 if "tiny" in arch else 16 for arch in (cfg.vit, cfg.cnn) if arch.startswith("vit"))
     if cfg.img_size % patch:
         raise UserError(f"--img-size {cfg.img_size} must be a multiple of the ViT's patch size ({patch})")
+    stride = {"resnet50": 32, "resnet_tiny": 8}.get(cfg.cnn)  # the side of the ResNet's last feature map: img_size / stride
+    if stride and cfg.batch_size == 1 and cfg.img_size <= stride and not cfg.sync_bn:
+        raise UserError(f"--batch-size 1 at {cfg.img_size} px leaves BatchNorm one value per channel in the ResNet's "
+                        "last stage: use 2 or more")
     if cfg.data.startswith("cifar") and cfg.img_size != 32:
         raise UserError(f"--data {cfg.data} holds 32 px images: use --img-size 32 (the demo preset)")
     try:
@@ -1212,9 +1216,9 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
         timed(step, device, calls=2)  # warm-up: allocator, cuDNN algorithm choice
         # attention as matmuls: the counter has no formula for the CPU's fused attention kernel and would count 0
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            model(images[:1])
+            model(images[:2])  # two images: BatchNorm in training needs two values per channel at any size
         memory = torch.cuda.max_memory_allocated() - resident if cuda else 0
-        return step, first, 3 * counter.get_total_flops(), memory  # training ~ 3x the forward's FLOPs
+        return step, first, 3 * counter.get_total_flops() / len(images[:2]), memory  # training ~ 3x the forward's
 
     log(f"bench: {gpu or device}, torch {torch.__version__}, batch {B}, {cfg.img_size} px, amp {amp_dtype}, compile {compile_}"
         + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else ""))
