@@ -925,7 +925,8 @@ def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path, spli
     write_image_folder(data, 12, corrupt=[(split, c, i) for i in range(12) for c in ("bee", "ant")][:corrupt])
     result = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "2", "--out", out, "--resume", check=False)
     assert result.returncode == (3 if split == "train" else 2) and "Traceback" not in result.stderr, result.stderr[-2000:]
-    message = "unreadable images this epoch" if split == "train" else "none of the 8 val images could be read"
+    message = "unreadable images this epoch" if split == "train" else "none of the 8 val images could be read: check " \
+        f"--data; this epoch's steps are saved in {out}/last.pt: --resume evaluates them"
     assert result.stderr.splitlines()[-1].startswith("vpl: error: ") and message in result.stderr
     if split == "train":  # images the run trained on as black: nothing of this epoch is kept
         assert open(os.path.join(out, "last.pt"), "rb").read() == before
@@ -990,10 +991,10 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "no val split": ("no 'val' folder", ["--data", str(d / "no_val")]),
         "no class folders": ("has 0 class folders", ["--data", str(d / "no_classes")]),
         "one class": ("train has 1 class folders, a classifier needs 2 or more", ["--data", str(d / "one_class")]),
-        "a class without images": (f"{d / 'no_images' / 'val' / 'bee'} holds no images", ["--data", str(d / "no_images")]),
+        "a class without images": ("val: Found no valid file for the classes bee", ["--data", str(d / "no_images")]),
         "data is a file": ("a_file: not a folder", ["--data", str(d / "a_file")]),
-        "repeat-aug beyond the data": ("--repeat-aug 20 leaves 19 images an epoch, fewer than one global batch (32)",
-                                       [*TINY, "--repeat-aug", "20"]),
+        "repeat-aug beyond the batch": ("--repeat-aug 20 fills a global batch of 32 with copies of fewer than 2 images",
+                                        [*TINY, "--repeat-aug", "20"]),
         "val classes differ": ("val classes differ", ["--data", str(d / "mismatch")]),
         "pair weight": ("--pair-weight must be in [0, 1]", ["--pair-weight", "1.5"]),
         "stages": ("--stages must satisfy", ["--stages", "0.9,0.1"]),
@@ -1015,7 +1016,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
                                            [*TINY, "--resume", "--out", str(other), "--repeat-aug", "2"]),
         "evaluate on another demo set": ("made with seed 0, not 3",
                                          [*TINY, "--eval-only", "--out", str(other), "--seed", "3"]),
-        "resume on another train set": ("made with train-images 40, not 32", [*TINY, "--preset", "demo", "--data",
+        "resume on another train set": ("made with train images 40, not 32", [*TINY, "--preset", "demo", "--data",
                                         str(d / "images"), "--resume", "--out", str(d / "other_data")]),
         "a batch of one image at 8 px": ("--batch-size 1 at 8 px leaves BatchNorm one value per channel",
                                          ["--batch-size", "1", "--img-size", "8"]),
@@ -1298,7 +1299,9 @@ def test_a_kill_during_the_first_checkpoint_write_leaves_a_fresh_start_a_log_of_
                             env={**os.environ, "KILL_AT": "1"})
     assert killed.returncode == -signal.SIGKILL
     assert len(read_log(out)) == 1 and not os.path.exists(os.path.join(out, "last.pt"))  # epoch 0 logged, not saved
-    run_vpl(*TINY, "--out", out, "--auto-resume")  # nothing to resume: a fresh start
+    fresh = run_vpl(*TINY, "--out", out, "--auto-resume")  # nothing to resume: a fresh start, the old log moved aside
+    assert "has no last.pt beside it: moved to log.jsonl.old" in fresh.stderr
+    assert [h["epoch"] for h in read_log(out)] == [0, 1] and os.path.exists(os.path.join(out, "log.jsonl.old"))
     assert_same_weights(model_state(out), model_state(reference_run[0]))
     assert_same_log(out, reference_run[0])
 

@@ -165,7 +165,7 @@ def check_config(cfg):
     if cfg.img_size % patch:
         raise UserError(f"--img-size {cfg.img_size} must be a multiple of the ViT's patch size ({patch})")
     stride = {"resnet50": 32, "resnet_tiny": 8}.get(cfg.cnn)  # the side of the ResNet's last feature map: img_size / stride
-    if stride and cfg.batch_size == 1 and cfg.img_size <= stride and not cfg.sync_bn:
+    if stride and cfg.batch_size == 1 and cfg.img_size <= stride and not cfg.eval_only:
         raise UserError(f"--batch-size 1 at {cfg.img_size} px leaves BatchNorm one value per channel in the ResNet's "
                         "last stage: use 2 or more")
     if cfg.data.startswith("cifar") and cfg.img_size != 32:
@@ -619,7 +619,8 @@ def build_transforms(cfg, from_files):
 
 
 def check_image_folder(root):
-    """Checks an ImageNet-style root before any heavy work; returns the class names."""
+    """Checks an ImageNet-style root before any heavy work (ImageFolder's scan then finds a class without
+    images); returns the class names."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
     if not os.path.isdir(root):
         raise UserError(f"--data {root}: " + ("not a folder" if os.path.exists(root) else "no such folder"))
@@ -634,10 +635,9 @@ def check_image_folder(root):
             raise UserError(f"--data {root}: cannot list {path} ({e.strerror})") from None
         if len(classes[split]) < 2:
             raise UserError(f"--data {root}: {path} has {len(classes[split])} class folders, a classifier needs 2 or more")
-        for c in classes[split]:  # the first image of each class, in subfolders too, as ImageFolder reads them
-            files = (f for _, _, fs in os.walk(os.path.join(path, c), followlinks=True) for f in fs)
-            if not any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
-                raise UserError(f"--data {root}: {os.path.join(path, c)} holds no images")
+        files = (f for c in classes[split] for _, _, fs in os.walk(os.path.join(path, c), followlinks=True) for f in fs)
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for f in files):  # in subfolders too, as ImageFolder reads them
+            raise UserError(f"--data {root}: {path} has class folders but no images")
     if classes["train"] != classes["val"]:
         extra = sorted(set(classes["train"]) ^ set(classes["val"]))[:3]
         raise UserError(f"--data {root}: val classes differ from train's (e.g. {extra})")
@@ -665,11 +665,13 @@ def build_datasets(cfg, rank=0, world=1):
         classes = len(train.classes)
     else:
         classes = len(check_image_folder(cfg.data))
-        try:
-            train = torchvision.datasets.ImageFolder(os.path.join(cfg.data, "train"))
-            val = torchvision.datasets.ImageFolder(os.path.join(cfg.data, "val"))
-        except OSError as e:  # a folder that cannot be read
-            raise UserError(f"--data {cfg.data}: {e}") from None
+        splits = []
+        for split in ("train", "val"):
+            try:
+                splits.append(torchvision.datasets.ImageFolder(os.path.join(cfg.data, split)))
+            except OSError as e:  # a class folder without images, or one that cannot be read
+                raise UserError(f"--data {cfg.data}: {split}: {str(e).split('. Supported')[0]}") from None
+        train, val = splits
     train_tf, val_tf = build_transforms(cfg, from_files=cfg.data not in DATASETS)
     return Augmented(train, train_tf, cfg.seed), Augmented(val, val_tf, cfg.seed), classes
 
@@ -1013,10 +1015,10 @@ def resume_from(path, cfg, parts, num_classes, train_images, global_batch, world
         raise UserError(f"{path} lacks {', '.join(missing)}: not a checkpoint of this vpl.py")
     # a key that a checkpoint predates has its default (--repeat-aug 1)
     made = {**asdict(Config()), **ckpt["config"], "classes": ckpt["num_classes"],
-            "train_images": ckpt.get("train_images", train_images)}
-    now = {**asdict(cfg), "classes": num_classes, "train_images": train_images}
+            "train images": ckpt.get("train_images", train_images)}
+    now = {**asdict(cfg), "classes": num_classes, "train images": train_images}
     demo = ("seed", "demo_train", "demo_val") if made["data"] == now["data"] == "demo" else ()  # the demo's images
-    order = () if cfg.eval_only else ("seed", "repeat_aug", "train_images")  # the data order, which a resume continues
+    order = () if cfg.eval_only else ("seed", "repeat_aug", "train images")  # the data order, which a resume continues
     for key in ("vit", "cnn", "img_size", "classes", *demo, *order):
         if made[key] != now[key]:
             raise UserError(f"{path} was made with {key.replace('_', '-')} {made[key]}, not {now[key]}")
@@ -1285,7 +1287,7 @@ def run(cfg):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # one image size: cuDNN times its algorithms once, keeps the fastest
     amp_dtype, compile_ = choose_precision(cfg, device, log)
-    ckpt_path = os.path.join(cfg.out, "last.pt")
+    ckpt_path, log_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "log.jsonl")
     seen = round(all_sum(torch.tensor(float(os.path.exists(ckpt_path)), device=device), world).item())
     if 0 < seen < world:  # all ranks must take the same path, or they wait for each other forever
         raise UserError(f"{ckpt_path} is seen by {seen} of {world} processes: --out must be a folder that all share")
@@ -1303,10 +1305,11 @@ def run(cfg):
             raise UserError(f"--out {cfg.out}: no write access")
         for name in os.listdir(cfg.out) if main_rank else ():
             stem, _, pid = name.partition(".tmp")
-            partial = pid.isdigit() and stem in ("last.pt", "log.jsonl", "vit.pt", "cnn.pt", "vit_ema.pt", "cnn_ema.pt")
-            orphan = name == "log.jsonl" and not resume and os.path.isfile(os.path.join(cfg.out, name))
-            if partial or orphan:  # a write that a kill cut short (save_atomic); the log of a run whose last.pt never landed
-                os.remove(os.path.join(cfg.out, name))
+            if pid.isdigit() and stem in ("last.pt", "log.jsonl", "vit.pt", "cnn.pt", "vit_ema.pt", "cnn_ema.pt"):
+                os.remove(os.path.join(cfg.out, name))  # a write that a kill cut short (save_atomic)
+        if main_rank and not resume and os.path.isfile(log_path):  # of a run whose first last.pt never landed
+            os.replace(log_path, log_path + ".old")
+            log(f"vpl: warning: {log_path} has no last.pt beside it: moved to log.jsonl.old", file=sys.stderr)
 
     if cfg.bench and cfg.data in DATASETS:  # synthetic batches: no data set to build
         return bench(cfg, device, amp_dtype, compile_, None, 1000 if cfg.preset == "imagenet" else 10, log)
@@ -1318,9 +1321,9 @@ def run(cfg):
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise UserError(f"the train split ({len(train_set)} images) is smaller than one global batch ({global_batch})")
-    if len(train_set) // cfg.repeat_aug < global_batch:  # or a batch would hold copies of the same few images
-        raise UserError(f"--repeat-aug {cfg.repeat_aug} leaves {len(train_set) // cfg.repeat_aug} images an epoch, "
-                        f"fewer than one global batch ({global_batch})")
+    if global_batch < 2 * cfg.repeat_aug:  # a global batch holds global_batch / repeat_aug images, each N times
+        raise UserError(f"--repeat-aug {cfg.repeat_aug} fills a global batch of {global_batch} with copies of fewer "
+                        "than 2 images: lower it")
     if cfg.bench:
         return bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log)
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
@@ -1362,7 +1365,7 @@ def run(cfg):
     keep_finite = FiniteBuffers(pair)  # after the resume: its statistics are the last finite ones
     step_model = torch.compile(pair) if compile_ else pair  # compile the plain module, then wrap in DDP
     model = DDP(step_model, device_ids=[device.index] if cuda else None) if world > 1 else step_model
-    history, log_path = [], os.path.join(cfg.out, "log.jsonl")
+    history = []
     if resume and not cfg.eval_only and main_rank and os.path.exists(log_path):  # drop epochs last.pt lacks
         with open(log_path) as f:
             whole = [json.loads(line) for line in f if line.endswith("}\n")]  # a line torn by a crash is not
@@ -1497,9 +1500,9 @@ def run(cfg):
             train_stats = progress.summary()
             try:
                 result = evaluate_pair(step_model, ema, val_loader, device, amp_dtype, world)
-            except UserError:  # a damaged val split: keep the steps, and --resume evaluates them once it is fixed
+            except UserError as e:  # a damaged val split: keep the steps, and --resume evaluates them once it is fixed
                 checkpoint(epoch, steps_per_epoch)
-                raise
+                raise UserError(f"{e}; this epoch's steps are saved in {ckpt_path}: --resume evaluates them") from None
             record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": world, **result, **train_stats,
                       "time_s": time.perf_counter() - t_epoch}
             history.append(record)
