@@ -60,7 +60,7 @@ class Config:
     vit: str = flag("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
     cnn: str = flag("resnet_tiny", "partner branch (a ViT here gives the ViT+ViT ablation)",
                     ["resnet_tiny", "resnet50", "vit_tiny", "vit_b_16"])
-    drop_path: float = flag(0.1, "stochastic depth rate of the ViT's last block")
+    drop_path: float = flag(0.1, "stochastic depth rate of each ViT's last block")
     init: str = flag("", "'torchvision': start both branches from torchvision's ImageNet weights", ["", "torchvision"])
     init_vit: str = flag("", "ViT checkpoint to start from (timm/DeiT or torchvision format)")
     init_cnn: str = flag("", "ResNet checkpoint to start from (torchvision format)")
@@ -143,7 +143,7 @@ def parse_config(argv=None):
 
 
 def check_config(cfg):
-    """Raises UserError naming the first flag whose value makes no sense."""
+    """Raises UserError naming the first flag (or group of flags) whose value makes no sense."""
     for f in fields(cfg):  # NaN passes every comparison below, and inf makes no sense anywhere
         if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
             raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
@@ -388,8 +388,8 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward_features(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))             # (B, w, H/4, W/4)
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))       # (B, 32w, H/32, W/32)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))             # (B, w, H/4, W/4); small stem: H, W
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))       # (B, 32w, H/32, W/32); small stem: H/8
         return torch.flatten(self.avgpool(x), 1)                         # (B, 32w)
 
     def forward_head(self, f):
@@ -945,8 +945,8 @@ def load_checkpoint(path):
 
 
 def load_branch_weights(model, state_dict):
-    """Loads a timm/DeiT, torchvision or vpl checkpoint into a branch; a head of another class count is
-    dropped (fine-tuning starts it afresh) and a ViT's position grid is resized."""
+    """Loads a timm/DeiT or torchvision checkpoint, or vpl's vit.pt/cnn.pt, into a branch; a head of another
+    class count is dropped (fine-tuning starts it afresh) and a ViT's position grid is resized."""
     for key in ("model", "state_dict"):  # DeiT and some trainers nest the weights
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
@@ -1277,7 +1277,8 @@ def main(argv=None):
 
 def run(cfg):
     """The whole job, in each process: trains the pair as `cfg` says and returns the per-epoch records
-    (with --eval-only: evaluates and returns the result; with --bench: measures and returns None)."""
+    (with --eval-only: evaluates and returns the result; with --bench: measures and returns None). Exits with
+    code 3 when non-finite steps or unreadable images stop it."""
     # STAGE 1: processes, device, precision --------------------------------------------------------
     rank, world, device = setup_distributed(cfg.device)
     cuda, main_rank = device.type == "cuda", rank == 0
@@ -1321,7 +1322,7 @@ def run(cfg):
     steps_per_epoch = len(train_loader) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise UserError(f"the train split ({len(train_set)} images) is smaller than one global batch ({global_batch})")
-    if global_batch < 2 * cfg.repeat_aug:  # a global batch holds global_batch / repeat_aug images, each N times
+    if cfg.repeat_aug > 1 and global_batch < 2 * cfg.repeat_aug:  # a global batch holds global_batch / N images
         raise UserError(f"--repeat-aug {cfg.repeat_aug} fills a global batch of {global_batch} with copies of fewer "
                         "than 2 images: lower it")
     if cfg.bench:
