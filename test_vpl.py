@@ -609,10 +609,11 @@ def test_the_loop_steps_with_the_lr_pair_weight_and_accumulation_computed_by_han
 
 
 def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_path):
-    # 192 images in micro-batches of 20: 9 per epoch, 4 optimizer steps and one leftover micro-batch;
+    # 96 images in micro-batches of 10: 9 per epoch, 4 optimizer steps and one leftover micro-batch (fp16 is slow on a
+    # CPU);
     # SIGTERM inside the first epoch, then at its last step: it stops before the evaluation, and stage 2 starts
     # with the second epoch, so the resumed epoch, with no step left, must log the first one's stage
-    options = [*TINY, "--demo-train", "192", "--batch-size", "20", "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.8",
+    options = [*TINY, "--demo-train", "96", "--batch-size", "10", "--accum-steps", "2", "--ema", "0.9", "--mixup", "0.8",
                "--cutmix", "1.0",
                "--clip-grad", "1.0", "--amp", "fp16", "--randaug", "9", "--reprob", "0.25", "--stages", "0.5,0.75",
                "--seed", "20240101"]  # a date as seed: MixUp's per-step seeds must not overflow
