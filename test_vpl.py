@@ -868,9 +868,9 @@ def test_cifar_is_downloaded_by_rank_0_before_the_others_read_it(tmp_path):
 
 def test_two_processes_with_accumulation_train_as_one_with_the_same_global_batch(tmp_path):
     # ViT + ViT without drop-path (no BatchNorm, nothing random per rank): 2 processes x 16 images x 2 micro-steps
-    # see each step the same 64 images as 1 process x 16 x 4, and DDP's mean is the same gradient; one epoch of 6
+    # see each step the same 64 images as 1 process x 16 x 4, and DDP's mean is the same gradient; one epoch of 3
     args = [*TINY, "--cnn", "vit_tiny", "--drop-path", "0", "--batch-size", "16", "--epochs", "1", "--lr-vit", "0.04",
-            "--warmup-epochs", "0"]
+            "--warmup-epochs", "0", "--demo-train", "192", "--demo-val", "20"]
     torchrun_two(VPL, *args, "--accum-steps", "2", "--out", str(tmp_path / "two"))
     run_vpl(*args, "--accum-steps", "4", "--out", str(tmp_path / "one"))
     two, one = model_state(str(tmp_path / "two")), model_state(str(tmp_path / "one"))
@@ -1447,17 +1447,19 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one_which_resumes_
     assert_same_log(out, reference_run[0])
 
 
-def test_a_kill_during_the_first_checkpoint_write_leaves_a_fresh_start_a_log_of_its_own(reference_run, tmp_path):
-    out = str(tmp_path)
-    killed = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, *TINY, "--out", out], capture_output=True, cwd=HERE,
+def test_a_kill_during_the_first_checkpoint_write_leaves_a_fresh_start_a_log_of_its_own(tmp_path):
+    out, options = str(tmp_path), [*TINY, "--epochs", "1", "--demo-val", "20"]
+    killed = subprocess.run([sys.executable, "-c", KILL_MID_WRITE, *options, "--out", out], capture_output=True, cwd=HERE,
                             env={**os.environ, "KILL_AT": "1"})
     assert killed.returncode == -signal.SIGKILL
     assert len(read_log(out)) == 1 and not os.path.exists(os.path.join(out, "last.pt"))  # epoch 0 logged, not saved
-    fresh = run_vpl(*TINY, "--out", out, "--auto-resume")  # nothing to resume: a fresh start, the old log moved aside
+    fresh = run_vpl(*options, "--out", out, "--auto-resume")  # nothing to resume: a fresh start, the old log moved aside
     assert "has no last.pt beside it: moved to log.jsonl.old" in fresh.stderr
-    assert [h["epoch"] for h in read_log(out)] == [0, 1] and os.path.exists(os.path.join(out, "log.jsonl.old"))
-    assert_same_weights(model_state(out), model_state(reference_run[0]))
-    assert_same_log(out, reference_run[0])
+    with open(os.path.join(out, "log.jsonl.old")) as f:
+        old = [json.loads(line) for line in f]
+    timings = ("img_per_s", "time_s")  # one record each: the fresh run's epoch 0 is the killed run's, timings aside
+    assert [{k: v for k, v in h.items() if k not in timings} for h in read_log(out)] == \
+        [{k: v for k, v in h.items() if k not in timings} for h in old]
 
 
 def test_torchrun_restarts_a_killed_worker_which_resumes_bit_identically(reference_run, tmp_path):
