@@ -6,7 +6,7 @@ branch learn from its partner during the middle stage of training, so that both 
 Written here from scratch: both branches, the pair loss and the staged schedule; around them the
 training loop, on torchvision's transforms and PyTorch's DDP, with a CUDA fast path. Beyond the paper's
 abstract the method is our reconstruction (README, "The method"); every choice is a flag. Measured
-(README): the CPU demo ends at ViT 89.9% / CNN 85.8% val top-1 in 2m32s on 2 cores; the README's
+(README): the CPU demo ends at ViT 89.9% / CNN 85.8% val top-1 in 2m33s on 2 cores; the README's
 ablation tests whether pairing helps, and its "Performance" gives throughput against torchvision's
 models on a CPU and on one H100.
 
@@ -164,7 +164,7 @@ def check_config(cfg):
     patch = max(4 if "tiny" in arch else 16 for arch in (cfg.vit, cfg.cnn) if arch.startswith("vit"))
     if cfg.img_size % patch:
         raise UserError(f"--img-size {cfg.img_size} must be a multiple of the ViT's patch size ({patch})")
-    stride = {"resnet50": 32, "resnet_tiny": 8}.get(cfg.cnn)  # the side of the ResNet's last feature map: img_size / stride
+    stride = {"resnet50": 32, "resnet_tiny": 8}.get(cfg.cnn)  # the ResNet's last feature map: img_size / stride
     if stride and cfg.batch_size == 1 and cfg.img_size <= stride and not cfg.eval_only:
         raise UserError(f"--batch-size 1 at {cfg.img_size} px leaves BatchNorm one value per channel in the ResNet's "
                         "last stage: use 2 or more")
@@ -933,7 +933,7 @@ def load_checkpoint(path):
     """torch.load with weights_only=True of a file that must hold a dict; anything else is a one-line error."""
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint")
-    torch.serialization.add_safe_globals([argparse.Namespace])  # the `args` that DeiT's, timm's and torchvision's trainers save
+    torch.serialization.add_safe_globals([argparse.Namespace])  # the `args` that DeiT's, timm's, torchvision's trainers save
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a file that is not a checkpoint fails in many ways: KeyError, IndexError, ...
@@ -1405,8 +1405,9 @@ def run(cfg):
 
     def checkpoint(epoch, step_in_epoch):
         meta = {"epoch": epoch, "step": step, "step_in_epoch": step_in_epoch, "best": best, "config": asdict(cfg),
-                "num_classes": num_classes, "train_images": len(train_set), "rng": rng_state(world), "global_batch": global_batch, "world": world,
-                "epoch_totals": progress.state() if step_in_epoch else None, "bad_steps": progress.bad_steps}
+                "num_classes": num_classes, "train_images": len(train_set), "rng": rng_state(world),
+                "global_batch": global_batch, "world": world, "bad_steps": progress.bad_steps,
+                "epoch_totals": progress.state() if step_in_epoch else None}
         save_checkpoint(ckpt_path, parts, meta, rank, world)
 
     def saved_and_stopped(reason):
