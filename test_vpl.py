@@ -163,7 +163,7 @@ def test_fine_tuning_loads_torchvision_and_deit_checkpoints_with_a_new_head_at_a
     assert torch.equal(target.blocks[3].attn.qkv.weight, source.encoder.layers[3].self_attention.in_proj_weight)
     assert torch.equal(target.head.weight, head_before)  # 1000 -> 5 classes: the head starts afresh
     assert target.pos_embed.shape == (1, 1 + 16 * 16, 768)
-    # torchvision's released ViT file has the MLP's older names, which torchvision itself still reads
+    # the MLP's older names, which torchvision itself still reads (files saved before torchvision renamed them)
     old = {k.replace("mlp.0", "mlp.linear_1").replace("mlp.3", "mlp.linear_2"): v for k, v in source.state_dict().items()}
     torchvision.models.vit_b_16().load_state_dict(old, strict=True)
     fresh = vpl.vit_b_16()

@@ -315,7 +315,7 @@ def vit_from_torchvision(state_dict):
                ("encoder.layers.encoder_layer_", "blocks."), ("ln_1", "norm1"), ("ln_2", "norm2"),
                ("self_attention.in_proj_", "attn.qkv."), ("self_attention.out_proj", "attn.proj"),
                ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2"),
-               ("mlp.linear_1", "mlp.fc1"), ("mlp.linear_2", "mlp.fc2")]  # older names: the released weights' file
+               ("mlp.linear_1", "mlp.fc1"), ("mlp.linear_2", "mlp.fc2")]  # older names, which torchvision still reads
     out = {}
     for key, value in state_dict.items():
         for old, new in renames:
