@@ -131,6 +131,7 @@ def test_vit_b_16_matches_torchvision():
     with torch.no_grad():
         expected = reference(x)
         assert (ours.eval()(x) - expected).abs().max() < 1e-5 * expected.abs().max()
+    assert_same(vpl.vit_to_torchvision(ours.state_dict()), reference.state_dict())  # and back, every name and weight
 
 
 def test_position_embedding_resize_keeps_cls_and_the_grids_function():
@@ -185,6 +186,19 @@ def test_fine_tuning_loads_torchvision_and_deit_checkpoints_with_a_new_head_at_a
     nested = vpl.resnet_tiny()
     vpl.load_branch_weights(nested, {"state_dict": tiny.state_dict(), "epoch": 3})  # as timm's trainer saves
     assert_same(nested.state_dict(), tiny.state_dict())
+    headless = vpl.vit_tiny()  # timm's weights without a classifier (num_classes=0): the branch keeps its new head
+    head_before = headless.head.weight.clone()
+    vpl.load_branch_weights(headless, {k: v for k, v in small.state_dict().items() if not k.startswith("head.")})
+    assert torch.equal(headless.pos_embed, small.pos_embed) and torch.equal(headless.head.weight, head_before)
+    # a vpl last.pt: --init-vit and --init-cnn take the branch of their side from its pair
+    pair = vpl.PairModel(vpl.vit_tiny(), vpl.resnet_tiny(), 10)
+    torch.save({"model": pair.state_dict(), "epoch": 2}, tmp_path / "last.pt")
+    started = vpl.PairModel(vpl.vit_tiny(), vpl.resnet_tiny(), 10)
+    last = str(tmp_path / "last.pt")
+    vpl.load_initial_weights(vpl.Config(init_vit=last, init_cnn=last), started)
+    assert_same(started.vit.state_dict(), pair.vit.state_dict())
+    assert_same(started.cnn.state_dict(), pair.cnn.state_dict())
+    assert not torch.equal(started.pair_head.fc.weight, pair.pair_head.fc.weight)  # a pair head is not a branch's
 
 
 @pytest.mark.parametrize("name", ["vit_tiny", "resnet_tiny"])
@@ -528,6 +542,8 @@ def test_run_logs_every_field_and_draws_the_chart(reference_run):
     assert "v ViT, c CNN" in stdout
     for name in ("last.pt", "vit.pt", "cnn.pt"):
         assert os.path.exists(os.path.join(out, name))
+    exported = torch.load(os.path.join(out, "cnn.pt"), weights_only=True)  # trained channels_last, exported plain:
+    assert all(t.is_contiguous() for t in exported.values())                # safetensors takes only these
 
 
 def test_resume_after_a_stop_is_bit_identical_and_drops_stale_and_torn_log_lines(reference_run, tmp_path):
@@ -832,9 +848,9 @@ def test_ddp_step_gives_the_single_process_gradient(tmp_path):
             assert torch.allclose(g_ddp, p.grad, atol=1e-6)
 
 
-def torchrun_two(*args, check=True):
+def torchrun_two(*args, check=True, env=None):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
-                            capture_output=True, text=True, timeout=300, cwd=HERE)
+                            capture_output=True, text=True, timeout=300, cwd=HERE, env={**os.environ, **(env or {})})
     assert result.returncode == 0 or not check, result.stderr[-3000:]
     return result.stdout if check else result
 
@@ -888,7 +904,9 @@ def test_two_processes_with_accumulation_train_as_one_with_the_same_global_batch
 def test_torchrun_two_processes_count_each_val_image_once_and_stop_together(tmp_path):
     out = str(tmp_path / "ddp")
     args = [*TINY, "--demo-val", "101", "--epochs", "1", "--out", out]
-    torchrun_two(VPL, *args)
+    result = torchrun_two("--max-restarts", "1", VPL, *args, check=False)  # restarts on torchrun's shared store: warned
+    assert result.returncode == 0 and result.stderr.count("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") == 1, result.stderr
+    assert "is seen by" not in result.stderr  # a shared --out
     log = read_log(out)
     assert log[0]["world_size"] == 2 and log[0]["val_images"] == 101
     # one process evaluating the same checkpoint gets the same accuracies
@@ -910,13 +928,20 @@ def test_torchrun_two_processes_count_each_val_image_once_and_stop_together(tmp_
     hidden.write_text(f"""import os, sys
 sys.path.insert(0, {HERE!r})
 import vpl
-if os.environ["RANK"] == "1":
+if os.environ["RANK"] == "1":  # rank 1 is on a node of its own, which holds other data if RANK1_ARGS says so
     exists = os.path.exists
-    os.path.exists = lambda path: exists(path) and not path.endswith("last.pt")
+    os.path.exists = lambda path: exists(path) and not path.endswith("last.pt") and ".probe" not in path
+    sys.argv += os.environ.get("RANK1_ARGS", "").split()
 vpl.main(sys.argv[1:])
 """)
     result = torchrun_two(str(hidden), *args, "--out", out, "--epochs", "2", "--auto-resume", check=False)
     assert result.returncode != 0 and result.stderr.count("is seen by 1 of 2 processes") == 2, result.stderr[-3000:]
+    # a fresh start is warned that its --out is node-local, and data sets that differ stop every rank with one line
+    result = torchrun_two(str(hidden), *args, "--out", str(tmp_path / "fresh"), check=False,
+                          env={"RANK1_ARGS": "--demo-train 256"})
+    assert result.stderr.count("is seen by 1 of 2 processes: a restart") == 1, result.stderr[-3000:]
+    assert result.stderr.count("see different data (train images, val images, classes from [256, 101, 10] to "
+                               "[384, 101, 10])") == 2 and result.returncode != 0, result.stderr[-3000:]
 
 
 @pytest.mark.parametrize("capability,dtype", [((7, 0), torch.float16), ((8, 0), torch.bfloat16)])

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 
 # ----------------------------------------------------------------------------------------- config
-def flag(default, help, choices=None):
+def option(default, help, choices=None):
     """A Config field that becomes a command-line flag with this help text."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -47,61 +47,61 @@ def flag(default, help, choices=None):
 @dataclass
 class Config:
     """Every knob of a run. The defaults are the CPU demo; PRESETS override them; flags override both."""
-    preset: str = flag("", "demo or imagenet (default: imagenet when --data is a folder, else demo)",
+    preset: str = option("", "demo or imagenet (default: imagenet when --data is a folder, else demo)",
                        ["", "demo", "imagenet"])
     # data
-    data: str = flag("demo", "'demo' (built in), 'cifar10', 'cifar100', or an ImageFolder root with train/ and val/")
-    data_root: str = flag("./data", "where CIFAR is downloaded to")
-    demo_train: int = flag(5000, "images in the demo's train split")
-    demo_val: int = flag(1000, "images in the demo's val split")
-    img_size: int = flag(32, "image side, pixels")
-    workers: int = flag(2, "data loading processes of each process (each GPU)")
+    data: str = option("demo", "'demo' (built in), 'cifar10', 'cifar100', or an ImageFolder root with train/ and val/")
+    data_root: str = option("./data", "where CIFAR is downloaded to")
+    demo_train: int = option(5000, "images in the demo's train split")
+    demo_val: int = option(1000, "images in the demo's val split")
+    img_size: int = option(32, "image side, pixels")
+    workers: int = option(2, "data loading processes of each process (each GPU)")
     # models
-    vit: str = flag("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
-    cnn: str = flag("resnet_tiny", "partner branch (a ViT here gives the ViT+ViT ablation)",
+    vit: str = option("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
+    cnn: str = option("resnet_tiny", "partner branch (a ViT here gives the ViT+ViT ablation)",
                     ["resnet_tiny", "resnet50", "vit_tiny", "vit_b_16"])
-    drop_path: float = flag(0.1, "stochastic depth rate of each ViT's last block")
-    init: str = flag("", "'torchvision': start both branches from torchvision's ImageNet weights", ["", "torchvision"])
-    init_vit: str = flag("", "ViT checkpoint to start from (timm/DeiT or torchvision format)")
-    init_cnn: str = flag("", "ResNet checkpoint to start from (torchvision format)")
+    drop_path: float = option(0.1, "stochastic depth rate of each ViT's last block")
+    init: str = option("", "'torchvision': start both branches from torchvision's ImageNet weights", ["", "torchvision"])
+    init_vit: str = option("", "ViT checkpoint to start from (timm/DeiT or torchvision format, or a vpl last.pt)")
+    init_cnn: str = option("", "ResNet checkpoint to start from (torchvision format, or a vpl last.pt)")
     # optimization
-    epochs: int = flag(10, "training epochs")
-    batch_size: int = flag(128, "images per process per micro-step")
-    accum_steps: int = flag(1, "micro-steps per optimizer step")
-    lr_vit: float = flag(4e-3, "AdamW peak lr per 512 images of global batch")
-    lr_cnn: float = flag(0.8, "SGD peak lr per 1024 images of global batch")
-    min_lr_vit: float = flag(1e-5, "AdamW lr at the end of the cosine")
-    wd_vit: float = flag(0.05, "AdamW weight decay")
-    wd_cnn: float = flag(5e-5, "SGD weight decay")
-    warmup_epochs: float = flag(1.0, "linear lr warm-up, epochs")
-    clip_grad: float = flag(0.0, "max gradient norm of each branch and of the pair head (0: off)")
-    label_smoothing: float = flag(0.1, "label smoothing of every cross-entropy")
-    mixup: float = flag(0.0, "MixUp alpha (0: off)")
-    cutmix: float = flag(0.0, "CutMix alpha (0: off)")
-    randaug: int = flag(0, "RandAugment magnitude, 0-10 as DeiT's 'rand-m9' (0: off)")
-    repeat_aug: int = flag(1, "repeated augmentation: an epoch takes 1/N of the images, N copies of each (1: off)")
-    reprob: float = flag(0.0, "RandomErasing probability")
-    ema: float = flag(0.0, "EMA decay per step of the whole pair, pair head included (0: off)")
+    epochs: int = option(10, "training epochs")
+    batch_size: int = option(128, "images per process per micro-step")
+    accum_steps: int = option(1, "micro-steps per optimizer step")
+    lr_vit: float = option(4e-3, "AdamW peak lr per 512 images of global batch")
+    lr_cnn: float = option(0.8, "SGD peak lr per 1024 images of global batch")
+    min_lr_vit: float = option(1e-5, "AdamW lr at the end of the cosine")
+    wd_vit: float = option(0.05, "AdamW weight decay")
+    wd_cnn: float = option(5e-5, "SGD weight decay")
+    warmup_epochs: float = option(1.0, "linear lr warm-up, epochs")
+    clip_grad: float = option(0.0, "max gradient norm of each branch and of the pair head (0: off)")
+    label_smoothing: float = option(0.1, "label smoothing of every cross-entropy")
+    mixup: float = option(0.0, "MixUp alpha (0: off)")
+    cutmix: float = option(0.0, "CutMix alpha (0: off)")
+    randaug: int = option(0, "RandAugment magnitude, 0-10 as DeiT's 'rand-m9' (0: off)")
+    repeat_aug: int = option(1, "repeated augmentation: an epoch takes 1/N of the images, N copies of each (1: off)")
+    reprob: float = option(0.0, "RandomErasing probability")
+    ema: float = option(0.0, "EMA decay per step of the whole pair, pair head included (0: off)")
     # pair learning
-    pair_weight: float = flag(0.2, "a: weight of the partner loss in stage 2, in [0, 1]")
-    pair_temp: float = flag(1.0, "T: distillation temperature, > 0")
-    teacher: str = flag("partner", "who teaches each branch", ["partner", "pair"])
-    stages: str = flag("0.1,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
-    ramp: float = flag(0.05, "fraction of training over which a ramps up at the start of stage 2")
+    pair_weight: float = option(0.2, "a: weight of the partner loss in stage 2, in [0, 1]")
+    pair_temp: float = option(1.0, "T: distillation temperature, > 0")
+    teacher: str = option("partner", "who teaches each branch", ["partner", "pair"])
+    stages: str = option("0.1,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
+    ramp: float = option(0.05, "fraction of training over which a ramps up at the start of stage 2")
     # system
-    device: str = flag("auto", "cuda: this process's GPU (LOCAL_RANK); auto: cuda if there is one", ["auto", "cpu", "cuda"])
-    amp: str = flag("auto", "autocast dtype (auto: bf16 on CUDA, off on the CPU)", ["auto", "off", "bf16", "fp16"])
-    compile: str = flag("auto", "torch.compile the pair (auto: on CUDA)", ["auto", "on", "off"])
-    sync_bn: bool = flag(False, "SyncBatchNorm in the CNN (CUDA, several GPUs)")
-    seed: int = flag(0, "seed of everything: data, init, augmentation")
-    out: str = flag("", "output folder (default runs/<preset>)")
-    resume: bool = flag(False, "continue from <out>/last.pt (which must exist)")
-    auto_resume: bool = flag(False, "continue from <out>/last.pt if it exists (elastic restarts)")
-    eval_only: bool = flag(False, "evaluate <out>/last.pt and exit")
-    bench: bool = flag(False, "measure training throughput on synthetic batches and exit")
-    log_every: int = flag(50, "optimizer steps between progress lines")
-    max_steps: int = flag(0, "stop (and save) after this many optimizer steps in all (0: no limit)")
-    max_bad_steps: int = flag(5, "consecutive non-finite steps before the run stops")
+    device: str = option("auto", "cuda: this process's GPU (LOCAL_RANK); auto: cuda if there is one", ["auto", "cpu", "cuda"])
+    amp: str = option("auto", "autocast dtype (auto: bf16 on CUDA, off on the CPU)", ["auto", "off", "bf16", "fp16"])
+    compile: str = option("auto", "torch.compile the pair (auto: on CUDA)", ["auto", "on", "off"])
+    sync_bn: bool = option(False, "SyncBatchNorm in the CNN (CUDA, several GPUs)")
+    seed: int = option(0, "seed of everything: data, init, augmentation")
+    out: str = option("", "output folder (default runs/<preset>)")
+    resume: bool = option(False, "continue from <out>/last.pt (which must exist)")
+    auto_resume: bool = option(False, "continue from <out>/last.pt if it exists (elastic restarts)")
+    eval_only: bool = option(False, "evaluate <out>/last.pt and exit")
+    bench: bool = option(False, "measure training throughput on synthetic batches and exit")
+    log_every: int = option(50, "optimizer steps between progress lines")
+    max_steps: int = option(0, "stop (and save) after this many optimizer steps in all (0: no limit)")
+    max_bad_steps: int = option(5, "consecutive non-finite steps before the run stops")
 
 
 PRESETS = {
@@ -144,7 +144,7 @@ def parse_config(argv=None):
 
 def check_config(cfg):
     """Raises UserError naming the first flag (or group of flags) whose value makes no sense."""
-    for f in fields(cfg):  # NaN passes every comparison below, and inf makes no sense anywhere
+    for f in fields(cfg):  # NaN would slip through the checks below (any comparison with it is False), and inf too
         if isinstance(getattr(cfg, f.name), float) and not math.isfinite(getattr(cfg, f.name)):
             raise UserError(f"--{f.name.replace('_', '-')} must be a finite number, got {getattr(cfg, f.name)}")
     if not 0 <= cfg.seed < 2 ** 32:
@@ -196,9 +196,9 @@ class DropPath(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection and PyTorch's fused SDPA kernel."""
 
-    def __init__(self, dim, heads, attn_drop=0.0):
+    def __init__(self, dim, heads):
         super().__init__()
-        self.heads, self.attn_drop = heads, attn_drop
+        self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -206,7 +206,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         # (B, N, 3C) -> (3, B, heads, N, C // heads)
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v, without attention dropout (DeiT)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, heads, N, d) -> (B, N, C)
 
 
@@ -308,20 +308,30 @@ def vit_tiny(num_classes=10, img_size=32, drop_path=0.1):
     return ViT(img_size, 4, 128, 4, 4, 2.0, drop_path, num_classes)
 
 
+# torchvision's vit_b_16 names -> this file's (timm/DeiT), applied in order to each key
+VIT_TORCHVISION_NAMES = [("class_token", "cls_token"), ("conv_proj", "patch_embed.proj"),
+                         ("encoder.pos_embedding", "pos_embed"), ("encoder.ln.", "norm."), ("heads.head", "head"),
+                         ("encoder.layers.encoder_layer_", "blocks."), ("ln_1", "norm1"), ("ln_2", "norm2"),
+                         ("self_attention.in_proj_", "attn.qkv."), ("self_attention.out_proj", "attn.proj"),
+                         ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2")]
+
+
+def rename_keys(state_dict, renames):
+    """A state dict with each (old, new) substring replaced in every key, in order."""
+    for old, new in renames:
+        state_dict = {key.replace(old, new): value for key, value in state_dict.items()}
+    return state_dict
+
+
 def vit_from_torchvision(state_dict):
     """Renames a torchvision vit_b_16 state dict to this file's (timm/DeiT) parameter names."""
-    renames = [("class_token", "cls_token"), ("conv_proj", "patch_embed.proj"),
-               ("encoder.pos_embedding", "pos_embed"), ("encoder.ln.", "norm."), ("heads.head", "head"),
-               ("encoder.layers.encoder_layer_", "blocks."), ("ln_1", "norm1"), ("ln_2", "norm2"),
-               ("self_attention.in_proj_", "attn.qkv."), ("self_attention.out_proj", "attn.proj"),
-               ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2"),
-               ("mlp.linear_1", "mlp.fc1"), ("mlp.linear_2", "mlp.fc2")]  # older names, which torchvision still reads
-    out = {}
-    for key, value in state_dict.items():
-        for old, new in renames:
-            key = key.replace(old, new)
-        out[key] = value
-    return out
+    older = [("mlp.linear_1", "mlp.fc1"), ("mlp.linear_2", "mlp.fc2")]  # older MLP names, which torchvision still reads
+    return rename_keys(state_dict, VIT_TORCHVISION_NAMES + older)
+
+
+def vit_to_torchvision(state_dict):
+    """Renames this file's ViT state dict (vit.pt) to torchvision's vit_b_16 names: the inverse of the above."""
+    return rename_keys(state_dict, [(new, old) for old, new in VIT_TORCHVISION_NAMES])
 
 
 # -------------------------------------------------------------------------------------- ResNet-50
@@ -375,7 +385,7 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, Bottleneck):  # each block starts as the identity (arXiv 1706.02677)
+            elif isinstance(m, Bottleneck):  # each block's residual branch starts at zero (arXiv 1706.02677)
                 nn.init.zeros_(m.bn3.weight)
 
     def _make_layer(self, planes, blocks, stride):
@@ -442,7 +452,7 @@ class PairModel(nn.Module):
 
     def forward(self, x):
         f_vit = self.vit.forward_features(x)
-        f_cnn = self.cnn.forward_features(x.contiguous(memory_format=torch.channels_last))
+        f_cnn = self.cnn.forward_features(x.contiguous(memory_format=torch.channels_last))  # its weights' layout
         return {"vit": self.vit.forward_head(f_vit), "cnn": self.cnn.forward_head(f_cnn),
                 "pair": self.pair_head(f_vit, f_cnn)}
 
@@ -469,7 +479,7 @@ class PairLoss(nn.Module):
             raise ValueError(f"--teacher must be 'partner' or 'pair', got {teacher!r}")
         self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
 
-    def forward(self, out, target, pair_weight):
+    def forward(self, out, target, a):
         def ce(logits):  # target: class indices, or probabilities after MixUp/CutMix
             return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
 
@@ -477,7 +487,6 @@ class PairLoss(nn.Module):
         terms = {"vit_ce": ce(out["vit"]), "vit_kd": kd_loss(out["vit"], vit_teacher, self.temperature),
                  "cnn_ce": ce(out["cnn"]), "cnn_kd": kd_loss(out["cnn"], cnn_teacher, self.temperature),
                  "pair_ce": ce(out["pair"])}
-        a = pair_weight
         # at a = 0 the partner terms are left out, not multiplied by 0: a branch gone NaN would make 0 * NaN
         kd = a * (terms["vit_kd"] + terms["cnn_kd"]) if a > 0 else 0.0
         return (1 - a) * (terms["vit_ce"] + terms["cnn_ce"]) + kd + terms["pair_ce"], terms
@@ -529,7 +538,7 @@ def make_demo(n, seed, img_size=32, classes=10):
     background = 0.45 * rand(n, 3, 1, 1)  # dark grounds, light glyphs: shape, not colour, tells the class
     texture = F.interpolate(rand(n, 3, 4, 4), size=img_size, mode="bilinear", align_corners=False)
     image = background + 0.2 * texture
-    distractor = draw(torch.randint(classes, (n,), generator=g), 3.0)  # a smaller, fainter other glyph
+    distractor = draw(torch.randint(classes, (n,), generator=g), 3.0)  # a smaller, fainter glyph of any class
     image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * distractor * 0.3
     mask = draw(labels, 1.8)
     image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * mask
@@ -538,10 +547,10 @@ def make_demo(n, seed, img_size=32, classes=10):
 
 
 class Augmented(Dataset):
-    """Wraps a dataset: item (epoch, i) is base[i] transformed with an RNG seeded from (seed, epoch, i),
-    so a run's augmentation does not depend on workers or on where it resumed. An unreadable image is
-    reported once and replaced by the next readable one (a black one of its class after 16 unreadable in a
-    row); the third output flags that (evaluation leaves it out)."""
+    """Wraps a dataset: item (draw, i) is base[i] transformed with an RNG seeded from (seed, draw, i), so a
+    run's augmentation does not depend on workers or on where it resumed. An unreadable image is reported
+    (once per worker) and replaced by the next readable one (a black one of its class after 16 unreadable in
+    a row); the third output flags that (evaluation leaves it out)."""
 
     def __init__(self, base, transform, seed):
         self.base, self.transform, self.seed, self.warned = base, transform, seed, set()
@@ -550,24 +559,24 @@ class Augmented(Dataset):
         return len(self.base)
 
     def __getitem__(self, key):
-        epoch, index = key
+        draw, index = key  # draw: the epoch, or with repeated augmentation the epoch's copy (EpochSampler)
         for attempt in range(16):
             j = (index + attempt) % len(self.base)
             try:
                 image, label = self.base[j]
-                return self.augment(image, epoch, index), int(label), int(attempt > 0)
-            except Exception as e:  # PIL's errors for corrupt, truncated, oversized (a bomb) or too thin images
+                return self.augment(image, draw, index), int(label), int(attempt > 0)
+            except Exception as e:  # PIL's for a corrupt, truncated or oversized (a bomb) file; Resize's for a thin one
                 if j not in self.warned:
                     self.warned.add(j)
                     path = self.base.samples[j][0] if hasattr(self.base, "samples") else j
                     print(f"vpl: warning: unreadable image {path} ({type(e).__name__}); skipped", file=sys.stderr)
         from PIL import Image  # a broken folder: flagged like the others, so that the run stops with one line
         label = self.base.targets[index] if hasattr(self.base, "targets") else 0
-        return self.augment(Image.new("RGB", (32, 32)), epoch, index), int(label), 1
+        return self.augment(Image.new("RGB", (32, 32)), draw, index), int(label), 1
 
-    def augment(self, image, epoch, index):
+    def augment(self, image, draw, index):
         with torch.random.fork_rng(devices=[]):  # the caller's CPU RNG stays untouched; GPUs are not touched
-            torch.default_generator.manual_seed(((self.seed * 1_000_003 + epoch) * 100_000_007 + index) % 2 ** 63)
+            torch.default_generator.manual_seed(((self.seed * 1_000_003 + draw) * 100_000_007 + index) % 2 ** 63)
             return self.transform(image)
 
 
@@ -586,8 +595,8 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-        # position p of the epoch, over all ranks, is copy p % repeats of image order[p // repeats]; this rank's are
-        # p = rank, rank + world, ...
+        # position p of the epoch, over all ranks, is copy p % repeats of image order[p // repeats]; this rank takes
+        # p = rank, rank + world, ..., from its own start-th on
         positions = range(self.rank + self.world * self.start, self.world * self.num_samples, self.world)
         return iter([(self.epoch * self.repeats + p % self.repeats, order[p // self.repeats]) for p in positions])
 
@@ -619,8 +628,8 @@ def build_transforms(cfg, from_files):
 
 
 def check_image_folder(root):
-    """Checks an ImageNet-style root before any heavy work (ImageFolder's scan then finds a class without
-    images); returns the class names."""
+    """Checks an ImageNet-style root before any heavy work (ImageFolder's own scan later finds a single class
+    without images); returns the class names."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
     if not os.path.isdir(root):
         raise UserError(f"--data {root}: " + ("not a folder" if os.path.exists(root) else "no such folder"))
@@ -729,6 +738,10 @@ def setup_distributed(device):
             raise UserError("--device cuda: no CUDA device is available")
         torch.cuda.set_device(local_rank)  # before anything touches CUDA, or every rank lands on GPU 0
         device = f"cuda:{local_rank}"
+    shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's default
+    if world > 1 and rank == 0 and shared_store and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
+        print("vpl: warning: a torchrun restart can hang or fail to connect on the store it shares with its first run "
+              "(pytorch/pytorch#135712): launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr)
     if world > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world, torch.device(device)
@@ -750,11 +763,11 @@ def param_groups(module, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(arch, modules, cfg, global_batch, cuda):
+def build_optimizer(arch, module, cfg, global_batch, cuda):
     """AdamW for a ViT (DeiT's lr rule: per 512 images), SGD with momentum for a ResNet (per 1024).
     Returns the optimizer, its peak lr and its final lr."""
     fused = {"fused": True} if cuda else {}
-    groups = [g for m in modules for g in param_groups(m, cfg.wd_vit if arch.startswith("vit") else cfg.wd_cnn)]
+    groups = param_groups(module, cfg.wd_vit if arch.startswith("vit") else cfg.wd_cnn)
     if arch.startswith("vit"):
         peak = cfg.lr_vit * global_batch / 512
         return torch.optim.AdamW(groups, lr=peak, **fused), peak, cfg.min_lr_vit
@@ -775,12 +788,12 @@ def amp_context(device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
 
-def train_step(model, criterion, images, targets, pair_weight, amp_dtype, scaler, loss_scale=1.0):
+def train_step(model, criterion, images, targets, a, amp_dtype, scaler, loss_scale=1.0):
     """Forward the pair under autocast, compute the pair loss in fp32, backward once (each branch gets
     the gradient of its own loss: teachers are detached). Returns the loss terms, detached."""
     with amp_context(images.device, amp_dtype):
         out = model(images)
-    total, terms = criterion(out, targets, pair_weight)
+    total, terms = criterion(out, targets, a)  # a: the partner losses' weight now
     scaler.scale(total * loss_scale).backward()
     return {"total": total.detach(), **{k: v.detach() for k, v in terms.items()}}
 
@@ -878,7 +891,7 @@ def evaluate(model, loader, device, amp_dtype, world):
         raise UserError(f"none of the {unreadable} val images could be read: check --data")
     result = {"val_images": count, **({"val_bad_images": unreadable} if unreadable else {})}
     for i, name in enumerate(names):
-        result[f"val_{name}_top1"], result[f"val_{name}_top5"] = (100 * hits[i] / max(1, count)).tolist()
+        result[f"val_{name}_top1"], result[f"val_{name}_top5"] = (100 * hits[i] / count).tolist()
     return result
 
 
@@ -914,7 +927,7 @@ def save_atomic(obj, path):
 
 def cpu_state(module):
     """A module's state dict on the CPU: an exported branch then loads on any machine, with or without a GPU."""
-    return {k: v.cpu() for k, v in module.state_dict().items()}
+    return {k: v.cpu().contiguous() for k, v in module.state_dict().items()}  # channels_last: safetensors refuses it
 
 
 def rng_state(world):
@@ -922,10 +935,9 @@ def rng_state(world):
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-    if world == 1:
-        return [state]
-    gathered = [None] * world
-    dist.all_gather_object(gathered, state)
+    gathered = [state] * world
+    if world > 1:
+        dist.all_gather_object(gathered, state)
     return gathered
 
 
@@ -946,7 +958,7 @@ def load_checkpoint(path):
 
 def load_branch_weights(model, state_dict):
     """Loads a timm/DeiT or torchvision checkpoint, or vpl's vit.pt/cnn.pt, into a branch; a head of another
-    class count is dropped (fine-tuning starts it afresh) and a ViT's position grid is resized."""
+    class count, or none, leaves the branch's new one (fine-tuning) and a ViT's position grid is resized."""
     for key in ("model", "state_dict"):  # DeiT and some trainers nest the weights
         if key in state_dict and isinstance(state_dict[key], dict):
             state_dict = state_dict[key]
@@ -959,12 +971,13 @@ def load_branch_weights(model, state_dict):
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
     except RuntimeError as e:  # shapes differ: another architecture
         raise UserError(f"checkpoint does not fit the branch: {(str(e).splitlines()[1:] or [str(e)])[0].strip()}") from None
-    if unexpected or set(missing) - set(heads):
+    if unexpected or [k for k in missing if k.split(".")[0] not in ("head", "fc")]:
         raise UserError(f"checkpoint does not fit the branch: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def load_initial_weights(cfg, pair):
-    """Starts the branches from torchvision's ImageNet weights (--init) or from files (--init-vit, --init-cnn)."""
+    """Starts the branches from torchvision's ImageNet weights (--init) or from files (--init-vit, --init-cnn):
+    a branch's weights, or a vpl last.pt, whose pair gives the branch of the same side."""
     if cfg.init == "torchvision":
         import torchvision
         try:
@@ -974,9 +987,12 @@ def load_initial_weights(cfg, pair):
             raise UserError(f"--init torchvision: cannot download the weights ({e})") from None
         load_branch_weights(pair.vit, weights["vit"])
         load_branch_weights(pair.cnn, weights["cnn"])
-    for path, branch in ((cfg.init_vit, pair.vit), (cfg.init_cnn, pair.cnn)):
+    for path, branch in ((cfg.init_vit, "vit"), (cfg.init_cnn, "cnn")):
         if path:
-            load_branch_weights(branch, load_checkpoint(path))
+            state = load_checkpoint(path)
+            if isinstance(state.get("model"), dict) and "pair_head.fc.weight" in state["model"]:  # a vpl last.pt: this branch of its pair
+                state = {k[len(branch) + 1:]: v for k, v in state["model"].items() if k.startswith(branch + ".")}
+            load_branch_weights(getattr(pair, branch), state)
 
 
 def build_pair(cfg, num_classes):
@@ -992,9 +1008,9 @@ def build_pair(cfg, num_classes):
 def build_optimizers(cfg, pair, global_batch, cuda):
     """[(optimizer, peak lr, final lr)] of the ViT, the pair head (the ViT's kind) and the CNN: each clips and skips
     a non-finite step on its own, so that at a = 0 the branches are independent."""
-    return [build_optimizer(cfg.vit, [pair.vit], cfg, global_batch, cuda),
-            build_optimizer(cfg.vit, [pair.pair_head], cfg, global_batch, cuda),
-            build_optimizer(cfg.cnn, [pair.cnn], cfg, global_batch, cuda)]
+    return [build_optimizer(cfg.vit, pair.vit, cfg, global_batch, cuda),
+            build_optimizer(cfg.vit, pair.pair_head, cfg, global_batch, cuda),
+            build_optimizer(cfg.cnn, pair.cnn, cfg, global_batch, cuda)]
 
 
 def save_checkpoint(path, parts, meta, rank, world):
@@ -1007,8 +1023,8 @@ def save_checkpoint(path, parts, meta, rank, world):
 
 
 def resume_from(path, cfg, parts, num_classes, train_images, global_batch, world, rank):
-    """Loads every part that the checkpoint holds, after checking that it was made by the same setup,
-    and (to train on) this rank's RNG state; returns the checkpoint."""
+    """Loads each of `parts` from the checkpoint, which must hold them all, after checking that it was made by
+    the same setup, and (to train on) this rank's RNG state; returns the checkpoint."""
     ckpt = load_checkpoint(path)
     missing = [key for key in [*parts, "config", "num_classes", "global_batch", "world", "rng"] if key not in ckpt]
     if missing:
@@ -1055,8 +1071,9 @@ def text_chart(history, stage_bounds, epochs, height=10):
                               "       epoch (last digit); v ViT, c CNN, * both; | stage boundary"])
 
 
-# A launched optimizer step: where it was, and `read`, which waits for its flags on the host.
-Flight = collections.namedtuple("Flight", "step epoch stage pair_weight step_in_epoch lrs read")
+# A launched optimizer step: where it was (step counts from 0, step_in_epoch the epoch's steps done with it), its
+# pair weight a and lrs, and `read`, which waits for its flags on the host.
+Flight = collections.namedtuple("Flight", "step epoch stage a step_in_epoch lrs read")
 
 
 class Progress:
@@ -1119,7 +1136,7 @@ class Progress:
         eta = datetime.timedelta(seconds=round(steps_left * self.global_batch / rate)) if rate else "?"
         self.log(f"stage {flight.stage} | epoch {flight.epoch + 1}/{self.cfg.epochs} | step {flight.step + 1}/"
                  f"{self.total_steps} | " + " ".join(f"{k} {v:.3f}" for k, v in zip(self.names, values))
-                 + f" | a {flight.pair_weight:.2f} | lr {flight.lrs[0]:.2e}/{flight.lrs[-1]:.2e}"  # ViT/CNN
+                 + f" | a {flight.a:.2f} | lr {flight.lrs[0]:.2e}/{flight.lrs[-1]:.2e}"  # ViT/CNN
                  + f" | {rate:.0f} img/s | data {100 * self.data_time / (now - self.t_log):.0f}%"
                  + f" | eta {eta}"
                  + (f" | mem {torch.cuda.max_memory_allocated() / 2**30:.1f}G" if self.cuda else "")
@@ -1128,8 +1145,8 @@ class Progress:
         self.t_log, self.data_time, self.images_seen = now, 0.0, 0
 
     def summary(self):
-        """The epoch's mean loss terms (finite steps only), unreadable images and img/s (of the steps run since
-        the start or the resume, the first step of a run left out)."""
+        """The epoch's mean loss terms (finite steps only), unreadable images and img/s (of this epoch's steps,
+        a run's first step, which compiles, left out)."""
         return {**{f"train_{k}": v / max(1, self.finite_steps) for k, v in zip(self.names, self.sums or [])},
                 "bad_images": self.bad_images,
                 "img_per_s": self.rate_steps * self.global_batch / (time.perf_counter() - self.t_rate)}
@@ -1174,7 +1191,7 @@ def timed(fn, device, calls=3):
 
 def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
     """Training-step throughput (img/s) of each branch alone, of the pair step, and of torchvision's models
-    for the ImageNet preset, timed in turn over 5 rounds (median, spread); compile time reported apart."""
+    for a vit_b_16 + resnet50 pair, timed in turn over 5 rounds (median, spread); compile time reported apart."""
     import gc
     import torchvision
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -1195,7 +1212,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
             torch.cuda.reset_peak_memory_stats()
         resident = torch.cuda.memory_allocated() if cuda else 0  # the models prepared before this one
         model = model.to(device).train()
-        schedules = build_optimizers(cfg, model, B, cuda) if pair else [build_optimizer(arch, [model], cfg, B, cuda)]
+        schedules = build_optimizers(cfg, model, B, cuda) if pair else [build_optimizer(arch, model, cfg, B, cuda)]
         optimizers = [optimizer for optimizer, _, _ in schedules]
         step_model = torch.compile(model) if compile_ else model
         criterion, in_flight = PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing), []
@@ -1283,7 +1300,7 @@ def run(cfg):
     rank, world, device = setup_distributed(cfg.device)
     cuda, main_rank = device.type == "cuda", rank == 0
     log = print if main_rank else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed + rank)  # drop-path masks differ per rank; weights are broadcast by DDP
+    torch.manual_seed(cfg.seed + rank)  # the bench's models and batches (training seeds again after building the pair)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True  # one image size: cuDNN times its algorithms once, keeps the fastest
@@ -1304,6 +1321,18 @@ def run(cfg):
             raise UserError(f"--out {cfg.out}: cannot make that folder ({e.strerror or e})") from None
         if not os.access(cfg.out, os.W_OK):
             raise UserError(f"--out {cfg.out}: no write access")
+        if world > 1 and not resume:  # a node-local --out works until a restart finds last.pt on one node only
+            token = all_sum(torch.tensor(os.getpid() if main_rank else 0, device=device), world).item()
+            probe = os.path.join(cfg.out, f".probe{token}")
+            if main_rank:
+                open(probe, "w").close()
+            dist.barrier()
+            shared = all_sum(torch.tensor(int(os.path.exists(probe)), device=device), world).item()
+            if main_rank:
+                os.remove(probe)
+            if shared < world:
+                log(f"vpl: warning: --out {cfg.out} is seen by {shared} of {world} processes: a restart would find "
+                    "last.pt on some nodes only and stop; use a folder that all share", file=sys.stderr)
         for name in os.listdir(cfg.out) if main_rank else ():
             stem, _, pid = name.partition(".tmp")
             if pid.isdigit() and stem in ("last.pt", "log.jsonl", "vit.pt", "cnn.pt", "vit_ema.pt", "cnn_ema.pt"):
@@ -1317,6 +1346,13 @@ def run(cfg):
 
     # STAGE 2: data ----------------------------------------------------------------------------------
     train_set, val_set, num_classes = build_datasets(cfg, rank, world)
+    counts = torch.tensor([len(train_set), len(val_set), num_classes], device=device)
+    extremes = torch.cat([counts, -counts])  # after a MAX over ranks: each count's largest, and minus its smallest
+    if world > 1:
+        dist.all_reduce(extremes, dist.ReduceOp.MAX)
+    if (extremes[:3] != -extremes[3:]).any():  # node-local copies of --data that differ: the ranks' steps would part ways
+        raise UserError(f"--data {cfg.data}: the processes see different data (train images, val images, classes from "
+                        f"{(-extremes[3:]).tolist()} to {extremes[:3].tolist()}): every node needs the same copy")
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, rank, world, cuda)
     global_batch = cfg.batch_size * world * cfg.accum_steps
     steps_per_epoch = len(train_loader) // cfg.accum_steps
@@ -1332,7 +1368,7 @@ def run(cfg):
 
     # STAGE 3: the pair, its loss and three optimizers ------------------------------------------------
     pair = build_pair(cfg, num_classes)
-    torch.manual_seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)  # the same weights on every rank (build_pair), but drop-path masks of its own
     load_initial_weights(cfg, pair)
     if cfg.sync_bn and cuda and world > 1:
         pair.cnn = nn.SyncBatchNorm.convert_sync_batchnorm(pair.cnn)
@@ -1345,13 +1381,16 @@ def run(cfg):
     parts = {"model": pair, **dict(zip(("opt_vit", "opt_pair", "opt_cnn"), optimizers)), "scaler": scaler}  # last.pt
 
     # STAGE 4: resume, the EMA, compile ----------------------------------------------------------------
-    loaded = {"model": pair} if cfg.eval_only else parts  # evaluation needs no optimizer
-    ckpt = resume_from(ckpt_path, cfg, loaded, num_classes, len(train_set), global_batch, world, rank) if resume else {}
+    to_load = {"model": pair} if cfg.eval_only else parts  # evaluation needs no optimizer
+    ckpt = resume_from(ckpt_path, cfg, to_load, num_classes, len(train_set), global_batch, world, rank) if resume else {}
     start_epoch, step, step_in_epoch = ckpt.get("epoch", 0), ckpt.get("step", 0), ckpt.get("step_in_epoch", 0)
+
+    def step_limit_reached():  # --max-steps met inside an epoch (one whose steps are done is evaluated first)
+        return cfg.max_steps > 0 and step >= cfg.max_steps and step_in_epoch < steps_per_epoch
     if start_epoch + (step_in_epoch > 0) > cfg.epochs and not cfg.eval_only:
         trained = start_epoch + step_in_epoch / steps_per_epoch
         raise UserError(f"{ckpt_path} has trained {trained:g} epochs, more than --epochs {cfg.epochs}")
-    if cfg.max_steps and step >= cfg.max_steps and step_in_epoch < steps_per_epoch and not cfg.eval_only:
+    if step_limit_reached() and not cfg.eval_only:
         raise UserError(f"{ckpt_path} has trained {step} steps, reaching --max-steps {cfg.max_steps}: raise it to go on")
     best = ckpt.get("best", {"vit": -1.0, "cnn": -1.0})
     # the pair's EMA, BatchNorm statistics too: the checkpoint's, else a copy of the (resumed) pair
@@ -1411,8 +1450,7 @@ def run(cfg):
         save_checkpoint(ckpt_path, parts, meta, rank, world)
 
     def saved_and_stopped(reason):
-        limited = cfg.max_steps and step >= cfg.max_steps and step_in_epoch < steps_per_epoch  # as run() checks a resume
-        more = " and a higher --max-steps (or none)" if limited else ""
+        more = " and a higher --max-steps (or none)" if step_limit_reached() else ""
         log(f"stopped at step {step} ({reason}); saved {ckpt_path}; continue with --resume{more}")
         return reason
 
@@ -1424,7 +1462,7 @@ def run(cfg):
     try:
         for epoch in range(start_epoch, cfg.epochs):
             train_loader.sampler.set_epoch(epoch)  # a new order every epoch, also the first resumed one
-            train_loader.sampler.start = step_in_epoch * cfg.accum_steps * cfg.batch_size
+            train_loader.sampler.start = step_in_epoch * cfg.accum_steps * cfg.batch_size  # in this rank's images
             progress.start_epoch(ckpt.get("epoch_totals") if epoch == start_epoch else None)
             t_epoch = t_data = time.perf_counter()
             in_flight, bad_since_step = None, 0
@@ -1438,8 +1476,8 @@ def run(cfg):
                     with torch.random.fork_rng(devices=[]):  # MixUp/CutMix drawn from (seed, rank, step, micro-step)
                         mix_seed = ((cfg.seed * 1_000_003 + step) * 1009 + micro % cfg.accum_steps) * 1031 + rank
                         torch.default_generator.manual_seed(mix_seed % 2 ** 63)
-                        # shuffled first: MixUp/CutMix pair neighbours, and --repeat-aug's copies of an image are too
-                        order = torch.randperm(len(images))  # on one process (or fewer processes than copies)
+                        # shuffled first: MixUp/CutMix mix neighbours, and on fewer processes than --repeat-aug's
+                        order = torch.randperm(len(images))  # copies, an image's copies are neighbours in a batch
                         order = (order.pin_memory() if cuda else order).to(device, non_blocking=True)
                         images, targets = mix(images[order], targets[order])
                 last_micro = (micro + 1) % cfg.accum_steps == 0
@@ -1479,8 +1517,8 @@ def run(cfg):
                 stopped = progress.settle(previous, quiet=last) if previous else None
                 if not stopped and last:
                     stopped, in_flight = progress.settle(flight), None
-                    if not stopped and cfg.max_steps and step >= cfg.max_steps and step_in_epoch < steps_per_epoch:
-                        stopped = "max_steps"  # at an epoch's end the epoch is evaluated first
+                    if not stopped and step_limit_reached():
+                        stopped = "max_steps"
                 if stopped == "signal" and in_flight is not None:  # the step launched after the one that asked to stop
                     stopped = progress.settle(in_flight, quiet=True) or stopped  # counts too; it may be non-finite
                 if stopped in ("signal", "max_steps"):
@@ -1524,8 +1562,7 @@ def run(cfg):
                                     f"{ckpt_path} is left as it was") from None
             checkpoint(epoch + 1, 0)
             if epoch + 1 < cfg.epochs:  # the step limit, or a signal during the evaluation or the saving: stop now
-                limit = cfg.max_steps and step >= cfg.max_steps
-                stopped = "max_steps" if limit else "signal" if stop_requested() else None
+                stopped = "max_steps" if step_limit_reached() else "signal" if stop_requested() else None
                 if stopped:
                     saved_and_stopped(stopped)
                     break
