@@ -2,6 +2,7 @@
 Run: python -m pytest -q test_vpl.py"""
 import argparse
 import collections
+import glob
 import io
 import json
 import math
@@ -192,7 +193,8 @@ def test_fine_tuning_loads_torchvision_and_deit_checkpoints_with_a_new_head_at_a
     assert torch.equal(headless.pos_embed, small.pos_embed) and torch.equal(headless.head.weight, head_before)
     # a vpl last.pt: --init-vit and --init-cnn take the branch of their side from its pair
     pair = vpl.PairModel(vpl.vit_tiny(), vpl.resnet_tiny(), 10)
-    torch.save({"model": pair.state_dict(), "epoch": 2}, tmp_path / "last.pt")
+    ema = vpl.PairModel(vpl.vit_tiny(), vpl.resnet_tiny(), 10)  # the trained weights are taken, not their EMA
+    torch.save({"model": pair.state_dict(), "ema": ema.state_dict(), "epoch": 2}, tmp_path / "last.pt")
     started = vpl.PairModel(vpl.vit_tiny(), vpl.resnet_tiny(), 10)
     last = str(tmp_path / "last.pt")
     vpl.load_initial_weights(vpl.Config(init_vit=last, init_cnn=last), started)
@@ -673,16 +675,19 @@ def test_augmentation_strength_is_deits():
     # DeiT's rand-m9 is on timm's 0-10 scale: magnitude 9 rotates by 9/10 of 30 degrees and shears by 9/10
     # of 0.3 (torchvision's default 31 bins would give 9/30); each of its two ops is applied with probability
     # 0.5, so a quarter of the images or more pass unchanged; its RandomErasing fills with noise per pixel
+    from PIL import Image
     from torchvision.transforms import v2
     train, _ = vpl.build_transforms(vpl.Config(img_size=224, randaug=9, reprob=1.0), from_files=True)
     randaug = next(t.transforms[0] for t in train.transforms if isinstance(t, v2.RandomApply))
+    assert randaug.interpolation == v2.InterpolationMode.BICUBIC  # DeiT's --train-interpolation, on image files
     for op, expected in (("Rotate", 27.0), ("ShearX", 0.27)):
         levels = randaug._AUGMENTATION_SPACE[op][0](randaug.num_magnitude_bins, 224, 224)  # torchvision's table
         assert levels[randaug.magnitude].item() == pytest.approx(expected), op
     applied, apply_op = [], randaug._apply_image_or_video_transform
     randaug._apply_image_or_video_transform = lambda *args, **kwargs: applied.append(1) or apply_op(*args, **kwargs)
     augment = v2.Compose([t for t in train.transforms if isinstance(t, v2.RandomApply)])
-    image, ops = (torch.rand(3, 48, 48) * 255).to(torch.uint8), collections.Counter()
+    image = Image.fromarray((torch.rand(48, 48, 3) * 255).to(torch.uint8).numpy())  # files are read as PIL images
+    ops = collections.Counter()
     torch.manual_seed(0)
     for _ in range(400):
         applied.clear()
@@ -904,9 +909,10 @@ def test_two_processes_with_accumulation_train_as_one_with_the_same_global_batch
 def test_torchrun_two_processes_count_each_val_image_once_and_stop_together(tmp_path):
     out = str(tmp_path / "ddp")
     args = [*TINY, "--demo-val", "101", "--epochs", "1", "--out", out]
-    result = torchrun_two("--max-restarts", "1", VPL, *args, check=False)  # restarts on torchrun's shared store: warned
+    result = torchrun_two("--max-restarts", "1", VPL, *args, check=False,  # restarts on torchrun's shared store: warned
+                          env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"})
     assert result.returncode == 0 and result.stderr.count("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1") == 1, result.stderr
-    assert "is seen by" not in result.stderr  # a shared --out
+    assert "is seen by" not in result.stderr and not glob.glob(os.path.join(out, ".probe*"))  # shared; probe removed
     log = read_log(out)
     assert log[0]["world_size"] == 2 and log[0]["val_images"] == 101
     # one process evaluating the same checkpoint gets the same accuracies
@@ -920,7 +926,9 @@ def test_torchrun_two_processes_count_each_val_image_once_and_stop_together(tmp_
     wrapper.write_text(SIGNAL_ON_CALL)
     assert "(signal)" in torchrun_two(str(wrapper), "apply_step", "3", "1", "signal", *args, "--out", stopped)
     assert 2 < torch.load(os.path.join(stopped, "last.pt"), weights_only=True)["step_in_epoch"] < 6
-    torchrun_two(VPL, *args, "--out", stopped, "--resume")
+    result = torchrun_two("--max-restarts", "1", VPL, *args, "--out", stopped, "--resume", check=False,
+                          env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # restarts on stores of their own
+    assert result.returncode == 0 and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in result.stderr, result.stderr
     assert_same_weights(model_state(stopped), model_state(out))
     assert_same_log(stopped, out)
     # a node-local --out: should rank 1 not see last.pt, both ranks stop with one line instead of parting ways
@@ -928,9 +936,9 @@ def test_torchrun_two_processes_count_each_val_image_once_and_stop_together(tmp_
     hidden.write_text(f"""import os, sys
 sys.path.insert(0, {HERE!r})
 import vpl
-if os.environ["RANK"] == "1":  # rank 1 is on a node of its own, which holds other data if RANK1_ARGS says so
+if os.environ["RANK"] == "1":  # rank 1 is on a node of its own: other data and another --out if RANK1_ARGS says so
     exists = os.path.exists
-    os.path.exists = lambda path: exists(path) and not path.endswith("last.pt") and ".probe" not in path
+    os.path.exists = lambda path: exists(path) and not path.endswith("last.pt")
     sys.argv += os.environ.get("RANK1_ARGS", "").split()
 vpl.main(sys.argv[1:])
 """)
@@ -938,10 +946,11 @@ vpl.main(sys.argv[1:])
     assert result.returncode != 0 and result.stderr.count("is seen by 1 of 2 processes") == 2, result.stderr[-3000:]
     # a fresh start is warned that its --out is node-local, and data sets that differ stop every rank with one line
     result = torchrun_two(str(hidden), *args, "--out", str(tmp_path / "fresh"), check=False,
-                          env={"RANK1_ARGS": "--demo-train 256"})
+                          env={"RANK1_ARGS": f"--demo-val 50 --out {tmp_path / 'node1'}"})
     assert result.stderr.count("is seen by 1 of 2 processes: a restart") == 1, result.stderr[-3000:]
-    assert result.stderr.count("see different data (train images, val images, classes from [256, 101, 10] to "
+    assert result.stderr.count("see different data (train images, val images, classes from [384, 50, 10] to "
                                "[384, 101, 10])") == 2 and result.returncode != 0, result.stderr[-3000:]
+    assert not glob.glob(str(tmp_path / "fresh" / ".probe*")) and "TORCH_DISABLE" not in result.stderr  # no restarts
 
 
 @pytest.mark.parametrize("capability,dtype", [((7, 0), torch.float16), ((8, 0), torch.bfloat16)])

@@ -617,10 +617,10 @@ def build_transforms(cfg, from_files):
         if cfg.data != "demo":  # the demo's glyphs are chiral: a mirrored glyph is another shape
             train.append(v2.RandomHorizontalFlip())
     # RandAugment as timm's (DeiT's rand-m9): two ops, each applied with probability 0.5, magnitude 9 of 10
-    # (rotation 27 degrees), not torchvision's 9 of 30; the uncovered ground is the mean colour; bilinear, as
-    # bicubic fails on tensors
-    fill = [round(255 * m) for m in MEAN]
-    op = v2.RandAugment(1, cfg.randaug, 11, interpolation=InterpolationMode.BILINEAR, fill=fill)
+    # (rotation 27 degrees), not torchvision's 9 of 30; the uncovered ground is the mean colour; bicubic as DeiT's
+    # on image files, bilinear on the tensors of the demo and CIFAR (bicubic fails on those)
+    fill, resample = [round(255 * m) for m in MEAN], bicubic if from_files else InterpolationMode.BILINEAR
+    op = v2.RandAugment(1, cfg.randaug, 11, interpolation=resample, fill=fill)
     train += [v2.RandomApply([op], p=0.5), v2.RandomApply([op], p=0.5)] if cfg.randaug else []
     tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
     erase = [v2.RandomErasing(cfg.reprob, value="random")] if cfg.reprob else []  # noise per pixel, as DeiT
@@ -741,7 +741,8 @@ def setup_distributed(device):
     shared_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's default
     if world > 1 and rank == 0 and shared_store and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
         print("vpl: warning: a torchrun restart can hang or fail to connect on the store it shares with its first run "
-              "(pytorch/pytorch#135712): launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr)
+              "(pytorch/pytorch#135712): launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and the c10d "
+              "rendezvous (--standalone or --rdzv-backend=c10d; --master-port selects the static one)", file=sys.stderr)
     if world > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world, torch.device(device)
@@ -1325,18 +1326,18 @@ def run(cfg):
             token = all_sum(torch.tensor(os.getpid() if main_rank else 0, device=device), world).item()
             probe = os.path.join(cfg.out, f".probe{token}")
             if main_rank:
-                open(probe, "w").close()
+                with contextlib.suppress(OSError):  # a full disk: the first checkpoint's write says so, in one line
+                    open(probe, "w").close()
             dist.barrier()
             shared = all_sum(torch.tensor(int(os.path.exists(probe)), device=device), world).item()
-            if main_rank:
-                os.remove(probe)
-            if shared < world:
+            if 0 < shared < world:
                 log(f"vpl: warning: --out {cfg.out} is seen by {shared} of {world} processes: a restart would find "
                     "last.pt on some nodes only and stop; use a folder that all share", file=sys.stderr)
         for name in os.listdir(cfg.out) if main_rank else ():
             stem, _, pid = name.partition(".tmp")
-            if pid.isdigit() and stem in ("last.pt", "log.jsonl", "vit.pt", "cnn.pt", "vit_ema.pt", "cnn_ema.pt"):
-                os.remove(os.path.join(cfg.out, name))  # a write that a kill cut short (save_atomic)
+            if pid.isdigit() and stem in ("last.pt", "log.jsonl", "vit.pt", "cnn.pt", "vit_ema.pt", "cnn_ema.pt") or (
+                    name.startswith(".probe") and name[6:].isdigit()):
+                os.remove(os.path.join(cfg.out, name))  # a write that a kill cut short (save_atomic), or the probe
         if main_rank and not resume and os.path.isfile(log_path):  # of a run whose first last.pt never landed
             os.replace(log_path, log_path + ".old")
             log(f"vpl: warning: {log_path} has no last.pt beside it: moved to log.jsonl.old", file=sys.stderr)
