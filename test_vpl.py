@@ -3,6 +3,7 @@ Run: python -m pytest -q test_vpl.py"""
 import argparse
 import collections
 import glob
+import inspect
 import io
 import json
 import math
@@ -201,6 +202,43 @@ def test_fine_tuning_loads_torchvision_and_deit_checkpoints_with_a_new_head_at_a
     assert_same(started.vit.state_dict(), pair.vit.state_dict())
     assert_same(started.cnn.state_dict(), pair.cnn.state_dict())
     assert not torch.equal(started.pair_head.fc.weight, pair.pair_head.fc.weight)  # a pair head is not a branch's
+
+
+COPIED = {  # what the README says to copy with each class, and a small one built from the copy
+    "ViT": (["DropPath", "Attention", "Mlp", "Block", "PatchEmbed", "resize_pos_embed", "ViT"],
+            lambda ns: ns["ViT"](img_size=32, patch_size=4, dim=64, depth=2, heads=4, drop_path=0.1, num_classes=10)),
+    "ResNet": (["conv3x3", "conv1x1", "Bottleneck", "ResNet"],
+               lambda ns: ns["ResNet"]((1, 2, 1, 1), num_classes=10, width=8, small_stem=True)),
+}
+
+
+@pytest.mark.parametrize("name", COPIED)
+def test_each_model_class_works_copied_alone_with_only_torch_imported(name):
+    names, build = COPIED[name]
+    namespace = {"math": math, "torch": torch, "nn": nn, "F": F}  # the imports a codebase that copies it has
+    for part in names:
+        exec(inspect.getsource(getattr(vpl, part)), namespace)
+    torch.manual_seed(0)
+    copied = build(namespace).eval()
+    torch.manual_seed(0)
+    original = build(vars(vpl)).eval()
+    assert_same(copied.state_dict(), original.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(copied(x), original(x))
+
+
+def test_the_pair_loss_and_schedule_work_copied_alone_with_only_torch_imported():
+    namespace = {"math": math, "torch": torch, "nn": nn, "F": F}
+    for part in ("kd_loss", "PairLoss", "PairSchedule"):
+        exec(inspect.getsource(getattr(vpl, part)), namespace)
+    out = {k: torch.randn(4, 10) for k in ("vit", "cnn", "pair")}
+    target = torch.randint(10, (4,))
+    copied = namespace["PairLoss"](2.0, "pair", 0.1)(out, target, 0.3)
+    original = vpl.PairLoss(2.0, "pair", 0.1)(out, target, 0.3)
+    assert torch.equal(copied[0], original[0])
+    assert [namespace["PairSchedule"]("0.1,0.8", 0.2, 0.05)(p) for p in (0.05, 0.12, 0.5, 0.9)] == \
+           [vpl.PairSchedule("0.1,0.8", 0.2, 0.05)(p) for p in (0.05, 0.12, 0.5, 0.9)]
 
 
 @pytest.mark.parametrize("name", ["vit_tiny", "resnet_tiny"])
