@@ -6,7 +6,7 @@ branch learn from its partner during the middle stage of training, so that both 
 Written here from scratch: both branches, the pair loss and the staged schedule; around them the
 training loop, on torchvision's transforms and PyTorch's DDP, with a CUDA fast path. Beyond the paper's
 abstract the method is our reconstruction (README, "The method"); every choice is a flag. Measured
-(README): the CPU demo ends at ViT 89.9% / CNN 85.8% val top-1 in 2m33s on 2 cores; the README's
+(README): the CPU demo ends at ViT 89.9% / CNN 85.8% val top-1 in under 3 minutes on 2 cores; the README's
 ablation tests whether pairing helps, and its "Performance" gives throughput against torchvision's
 models on a CPU and on one H100.
 
