@@ -701,7 +701,8 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
 def test_ema_added_on_resume_starts_from_the_resumed_weights(reference_run, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(reference_run[0], out)  # a checkpoint without EMA
-    run_vpl(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "25", "--ema", "0.5")
+    result = run_vpl(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "25", "--ema", "0.5")
+    assert "changed: --epochs 2 -> 3, --ema 0.0 -> 0.5, --max-steps 0 -> 25" in result.stdout  # in Config's order
     resumed, after = model_state(reference_run[0]), torch.load(os.path.join(out, "last.pt"), weights_only=True)
     assert after["step"] == 25
     for key, ema in after["ema"].items():  # one step of decay 0.5: halfway from the resumed to the new weights
@@ -835,7 +836,7 @@ def test_eval_only_reproduces_the_logged_accuracies_and_leaves_the_log_alone(ref
     before = open(os.path.join(out, "log.jsonl"), "rb").read()
     ckpt = torch.load(os.path.join(out, "last.pt"), weights_only=True)  # without its optimizers: it needs none
     torch.save({k: v for k, v in ckpt.items() if not k.startswith(("opt_", "scaler"))}, os.path.join(out, "last.pt"))
-    result = run_vpl(*TINY, "--out", out, "--eval-only")
+    result = run_vpl(*TINY, "--out", out, "--eval-only", "--repeat-aug", "40")  # a train-only setting: not checked
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
     for key, value in evaluated.items():
         assert value == pytest.approx(last[key], abs=1e-9), key
@@ -1061,7 +1062,7 @@ def test_image_folder_trains_and_a_corrupt_image_is_replaced_or_left_out_with_a_
     result = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", out)
     warnings = [line for line in result.stderr.splitlines() if "unreadable image" in line]
     assert len(warnings) == 3 and os.path.join("ant", "3.png") in warnings[0], warnings
-    assert "DecompressionBombError" in "".join(warnings)
+    assert "DecompressionBombError: Image size (400000000 pixels)" in "".join(warnings)  # PIL's reason: 20000 x 20000
     log = read_log(out)[0]
     assert log["bad_images"] == 2 and log["val_images"] == 7 and log["val_bad_images"] == 1
     # the unreadable val image is left out, not replaced: the same as evaluating without it
@@ -1124,6 +1125,10 @@ def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path, spli
     run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", out)
     before = open(os.path.join(out, "last.pt"), "rb").read()
     write_image_folder(data, 12, corrupt=[(split, c, i) for i in range(12) for c in ("bee", "ant")][:corrupt])
+    if corrupt == 4:  # a fresh start on the damaged data: its first epoch stops it with nothing saved yet
+        fresh = run_vpl("--data", str(data), *FOLDER_ARGS, "--out", str(tmp_path / "fresh"), check=False)
+        assert fresh.returncode == 3 and "no checkpoint was saved yet" in fresh.stderr, fresh.stderr[-2000:]
+        assert not os.path.exists(tmp_path / "fresh" / "last.pt")
     result = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "2", "--out", out, "--resume", check=False)
     assert result.returncode == (3 if split == "train" else 2) and "Traceback" not in result.stderr, result.stderr[-2000:]
     message = "unreadable images this epoch" if split == "train" else "none of the 8 val images could be read: check " \
@@ -1194,8 +1199,10 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
         "one class": ("train has 1 class folders, a classifier needs 2 or more", ["--data", str(d / "one_class")]),
         "a class without images": ("val: Found no valid file for the classes bee", ["--data", str(d / "no_images")]),
         "data is a file": ("a_file: not a folder", ["--data", str(d / "a_file")]),
-        "repeat-aug beyond the batch": ("--repeat-aug 20 fills a global batch of 32 with copies of fewer than 2 images",
-                                        [*TINY, "--repeat-aug", "20"]),
+        "repeat-aug beyond the batch": ("--repeat-aug 20 fills a global batch of 32 with copies of fewer than 2 images: "
+                                        "use at most 16", [*TINY, "--repeat-aug", "20"]),
+        "init a ViT from a ResNet": (f"--init-vit {other / 'cnn.pt'}: checkpoint does not fit the branch",
+                                     ["--init-vit", str(other / "cnn.pt")]),
         "val classes differ": ("val classes differ", ["--data", str(d / "mismatch")]),
         "pair weight": ("--pair-weight must be in [0, 1]", ["--pair-weight", "1.5"]),
         "stages": ("--stages must satisfy", ["--stages", "0.9,0.1"]),
@@ -1441,8 +1448,10 @@ def test_a_failed_write_is_one_line_and_keeps_the_old_checkpoint(tmp_path, monke
 def test_a_warm_up_as_long_as_the_run_is_warned_of(tmp_path):
     short = ["--demo-train", "64", "--demo-val", "8", "--batch-size", "32", "--epochs", "1", "--workers", "0"]
     for warmup, warned in (("1", True), ("0.5", False)):  # 2 steps: all of them warm-up, or one
-        result = run_vpl(*short, "--warmup-epochs", warmup, "--out", str(tmp_path / warmup))
+        floor = [] if warned else ["--min-lr-vit", "0.001"]  # above the peak, 4e-3 x 32 / 512 = 0.00025
+        result = run_vpl(*short, "--warmup-epochs", warmup, *floor, "--out", str(tmp_path / warmup))
         assert ("the lr never anneals" in result.stderr) == warned, result.stderr
+        assert ("--min-lr-vit 0.001 is above the ViT's peak lr 0.00025" in result.stderr) != warned, result.stderr
 
 
 def test_run_gives_the_signal_handlers_back_also_after_an_error(tmp_path, monkeypatch):

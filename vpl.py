@@ -99,7 +99,7 @@ class Config:
     auto_resume: bool = option(False, "continue from <out>/last.pt if it exists (elastic restarts)")
     eval_only: bool = option(False, "evaluate <out>/last.pt and exit")
     bench: bool = option(False, "measure training throughput on synthetic batches and exit")
-    log_every: int = option(50, "optimizer steps between progress lines")
+    log_every: int = option(50, "optimizer steps between progress lines (and one at each epoch's last step)")
     max_steps: int = option(0, "stop (and save) after this many optimizer steps in all (0: no limit)")
     max_bad_steps: int = option(5, "consecutive non-finite steps before the run stops")
 
@@ -129,11 +129,13 @@ def parse_config(argv=None):
     """Flags from Config's fields; the preset fills what the command line leaves out."""
     parser = OneLineParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for f in fields(Config):
-        option, meta = "--" + f.name.replace("_", "-"), f.metadata
+        name, meta = "--" + f.name.replace("_", "-"), f.metadata
         if isinstance(f.default, bool):
-            parser.add_argument(option, action=argparse.BooleanOptionalAction, help=meta["help"])
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=meta["help"])
         else:
-            parser.add_argument(option, type=type(f.default), choices=meta["choices"], help=meta["help"])
+            imagenet = f", imagenet preset {PRESETS['imagenet'][f.name]!r}" if f.name in PRESETS["imagenet"] else ""
+            default = f" (default {f.default!r}{imagenet})" if f.default != "" else ""  # '' is told in the help
+            parser.add_argument(name, type=type(f.default), choices=meta["choices"], help=meta["help"] + default)
     given = vars(parser.parse_args(argv))
     preset = given.get("preset") or ("demo" if given.get("data", "demo") in DATASETS else "imagenet")
     cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
@@ -569,7 +571,8 @@ class Augmented(Dataset):
                 if j not in self.warned:
                     self.warned.add(j)
                     path = self.base.samples[j][0] if hasattr(self.base, "samples") else j
-                    print(f"vpl: warning: unreadable image {path} ({type(e).__name__}); skipped", file=sys.stderr)
+                    print(f"vpl: warning: unreadable image {path} ({type(e).__name__}: {str(e)[:100]}); skipped",
+                          file=sys.stderr)
         from PIL import Image  # a broken folder: flagged like the others, so that the run stops with one line
         label = self.base.targets[index] if hasattr(self.base, "targets") else 0
         return self.augment(Image.new("RGB", (32, 32)), draw, index), int(label), 1
@@ -993,7 +996,10 @@ def load_initial_weights(cfg, pair):
             state = load_checkpoint(path)
             if isinstance(state.get("model"), dict) and "pair_head.fc.weight" in state["model"]:  # a vpl last.pt: this branch of its pair
                 state = {k[len(branch) + 1:]: v for k, v in state["model"].items() if k.startswith(branch + ".")}
-            load_branch_weights(getattr(pair, branch), state)
+            try:
+                load_branch_weights(getattr(pair, branch), state)
+            except UserError as e:
+                raise UserError(f"--init-{branch} {path}: {e}") from None
 
 
 def build_pair(cfg, num_classes):
@@ -1126,7 +1132,8 @@ class Progress:
             return "nonfinite"
         if self.bad_images > 0.01 * self.train_size:
             self.log(f"vpl: error: {self.bad_images} unreadable images this epoch (> 1%): check --data; "
-                     f"this epoch is not saved over {self.ckpt_path}", file=sys.stderr)
+                     + (f"this epoch is not saved over {self.ckpt_path}" if os.path.exists(self.ckpt_path) else
+                        "no checkpoint was saved yet"), file=sys.stderr)
             return "bad_images"
         return "signal" if flags[-1] else None
 
@@ -1240,7 +1247,7 @@ def bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log):
         memory = torch.cuda.max_memory_allocated() - resident if cuda else 0
         return step, first, 3 * counter.get_total_flops() / len(images[:2]), memory  # training ~ 3x the forward's
 
-    log(f"bench: {gpu or device}, torch {torch.__version__}, batch {B}, {cfg.img_size} px, amp {amp_dtype}, compile {compile_}"
+    log(f"bench: {gpu or device}, torch {torch.__version__}, batch {B}, {cfg.img_size} px, amp {amp_dtype or 'off (fp32)'}, compile {compile_}"
         + (f", MFU against {peak / 1e12:.0f} TFLOP/s" if peak else ""))
     models = {"ViT": prepare(build_branch(cfg.vit, num_classes, cfg.img_size, cfg.drop_path), cfg.vit),
               "CNN": prepare(build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path)
@@ -1357,13 +1364,13 @@ def run(cfg):
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, rank, world, cuda)
     global_batch = cfg.batch_size * world * cfg.accum_steps
     steps_per_epoch = len(train_loader) // cfg.accum_steps
-    if steps_per_epoch < 1:
-        raise UserError(f"the train split ({len(train_set)} images) is smaller than one global batch ({global_batch})")
-    if cfg.repeat_aug > 1 and global_batch < 2 * cfg.repeat_aug:  # a global batch holds global_batch / N images
-        raise UserError(f"--repeat-aug {cfg.repeat_aug} fills a global batch of {global_batch} with copies of fewer "
-                        "than 2 images: lower it")
     if cfg.bench:
         return bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log)
+    if steps_per_epoch < 1 and not cfg.eval_only:
+        raise UserError(f"the train split ({len(train_set)} images) is smaller than one global batch ({global_batch})")
+    if cfg.repeat_aug > 1 and global_batch < 2 * cfg.repeat_aug and not cfg.eval_only:  # global_batch / N images
+        raise UserError(f"--repeat-aug {cfg.repeat_aug} fills a global batch of {global_batch} with copies of fewer "
+                        f"than 2 images: use at most {max(1, global_batch // 2)}, or a larger --batch-size")
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
     mix = build_mix(cfg, num_classes)
 
@@ -1413,7 +1420,10 @@ def run(cfg):
             history = [h for h in whole if h["epoch"] < start_epoch]
         save_atomic("".join(json.dumps(h) + "\n" for h in history).encode(), log_path)
     if resume:
-        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}")
+        now = asdict(cfg)  # flags the resumed run changes (more --epochs, say, stretch the schedule and the stages)
+        changed = [f"--{k.replace('_', '-')} {v} -> {now[k]}" for k, v in ckpt["config"].items()
+                   if k in now and v != now[k] and k not in ("resume", "auto_resume", "eval_only", "out")]
+        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
         if fp16 and scaler.get_scale() == 1.0:  # a bf16 or fp32 run's scaler: scale 1 would flush fp16's gradients
             scaler.load_state_dict(make_scaler(device, amp_dtype).state_dict())
             log(f"the checkpoint's GradScaler was not fp16's (scale 1): it starts afresh at {scaler.get_scale():g}")
@@ -1427,7 +1437,7 @@ def run(cfg):
     s1, s2 = pair_schedule.s1, pair_schedule.s2
     log(json.dumps(asdict(cfg)))
     log(f"processes {world}, batch {cfg.batch_size} per process x {cfg.accum_steps} accumulation = global batch "
-        f"{global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps; amp {amp_dtype}, compile {compile_}, "
+        f"{global_batch}; {steps_per_epoch} steps/epoch, {total_steps} steps; amp {amp_dtype or 'off (fp32)'}, compile {compile_}, "
         f"device {device}")
     log(f"lr rule: ViT-type {cfg.lr_vit} x {global_batch}/512 (AdamW), ResNet-type {cfg.lr_cnn} x {global_batch}/1024 "
         f"(SGD) -> {cfg.vit} {schedules[0][1]:.3g}, {cfg.cnn} {schedules[-1][1]:.3g}; warm-up {warmup_steps} steps, "
@@ -1435,6 +1445,9 @@ def run(cfg):
     if warmup_steps >= total_steps:
         log(f"vpl: warning: the warm-up (--warmup-epochs {cfg.warmup_epochs:g}) spans the whole run: the lr never anneals",
             file=sys.stderr)
+    if cfg.min_lr_vit > schedules[0][1]:  # the peak scales with the global batch, the floor does not
+        log(f"vpl: warning: --min-lr-vit {cfg.min_lr_vit:g} is above the ViT's peak lr {schedules[0][1]:.3g} at this global "
+            "batch: its lr rises after the warm-up; lower --min-lr-vit", file=sys.stderr)
     log(f"stages: 1 warm-up epochs [0, {s1 * cfg.epochs:g}), 2 pair [{s1 * cfg.epochs:g}, {s2 * cfg.epochs:g}) "
         f"with a -> {cfg.pair_weight} over {cfg.ramp * cfg.epochs:g} epochs, 3 solo [{s2 * cfg.epochs:g}, {cfg.epochs}]")
 
