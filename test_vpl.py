@@ -121,6 +121,16 @@ def test_resnet50_matches_torchvision():
         assert (cl - expected).abs().max() < 1e-5 * expected.abs().max()
 
 
+def test_each_residual_branch_starts_at_zero_as_torchvisions_zero_init_residual():
+    zeroed = lambda model: {k for k, v in model.state_dict().items() if k.endswith(".weight") and not v.any()}  # noqa: E731
+    assert zeroed(vpl.resnet50()) == zeroed(torchvision.models.resnet50(zero_init_residual=True))
+    for block in vpl.resnet_tiny().eval().modules():  # a block without a downsample starts as relu(x)
+        if isinstance(block, vpl.Bottleneck) and block.downsample is None:
+            x = torch.randn(2, block.conv1.in_channels, 8, 8)
+            with torch.no_grad():
+                assert torch.equal(block(x.clone()), torch.relu(x))
+
+
 def test_vit_b_16_matches_torchvision():
     torch.manual_seed(0)
     reference = torchvision.models.vit_b_16().eval()
@@ -155,6 +165,12 @@ def test_position_embedding_resize_keeps_cls_and_the_grids_function():
         return (torch.sin(9 * c)[:, None] * torch.cos(7 * c)[None, :]).reshape(1, n * n, 1)
     resized = vpl.resize_pos_embed(torch.cat([torch.zeros(1, 1, 1), wiggly(14)], 1), 24)
     assert (resized[:, 1:] - wiggly(24)).abs().view(24, 24)[2:-2, 2:-2].max() < 0.05
+    def channels(n):  # three channels, each its own function: a resize must not mix them
+        c = (torch.arange(n) + 0.5) / n
+        return torch.stack([(torch.sin((3 + k) * c)[:, None] + torch.cos((2 + k) * c)[None, :]).flatten()
+                            for k in range(3)], 1)[None]
+    resized = vpl.resize_pos_embed(torch.cat([torch.zeros(1, 1, 3), channels(14)], 1), 24)
+    assert (resized[:, 1:] - channels(24)).abs().view(24, 24, 3)[2:-2, 2:-2].max() < 0.03
 
 
 def test_fine_tuning_loads_torchvision_and_deit_checkpoints_with_a_new_head_at_another_size(tmp_path):
@@ -440,6 +456,14 @@ def test_progress_counts_nonfinite_steps_in_a_row_means_finite_ones_and_unreadab
     assert progress.summary()["bad_images"] == 0  # counted per epoch
     assert progress.settle(flight(8, 1.0, bad_images=10)) is None
     assert progress.settle(flight(9, 1.0, bad_images=1)) == "bad_images"  # 11 of 1000
+    lines = []  # --log-every 1000 of 100 steps an epoch: the epoch's last step still prints, with the ViT's and CNN's lr
+    progress = vpl.Progress(vpl.Config(log_every=1000), 0, 1, 100, 1000, "last.pt", lambda line, **kw: lines.append(line), False)
+    progress.names = ["total"]
+    progress.start_epoch()
+    for step in (98, 99):  # lrs of the ViT, the pair head and the CNN
+        progress.settle(vpl.Flight(step, 0, 1, 0.0, step + 1, [0.1, 0.2, 0.3], lambda: [1.0, 0.0, 0.0]))
+        assert len(lines) == step - 98
+    assert "| lr 1.00e-01/3.00e-01 |" in lines[0]
 
 
 def test_drop_path_drops_whole_samples_at_its_rate_and_keeps_the_expected_output():
@@ -453,6 +477,13 @@ def test_drop_path_drops_whole_samples_at_its_rate_and_keeps_the_expected_output
     assert torch.equal(drop.eval()(x), x)
     rates = [block.drop_path.p for block in vpl.vit_tiny(drop_path=0.3).blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2, 0.3])  # deeper blocks more often (DeiT)
+    for silenced in ("mlp", "attn"):  # a block drops each of its two residual branches, as DeiT's and timm's
+        block = vpl.Block(8, 2, drop_path=0.5).train()
+        out_proj = block.mlp.fc2 if silenced == "mlp" else block.attn.proj
+        nn.init.zeros_(out_proj.weight), nn.init.zeros_(out_proj.bias)  # that branch adds 0: the other one is seen
+        x = torch.randn(400, 5, 8)
+        unchanged = ((block(x) - x).flatten(1).abs().amax(1) == 0).float().mean().item()
+        assert unchanged == pytest.approx(0.5, abs=0.08), silenced
 
 
 def test_ema_update_matches_the_formula_for_weights_and_batchnorm_statistics():
@@ -992,6 +1023,10 @@ vpl.main(sys.argv[1:])
     assert not glob.glob(str(tmp_path / "fresh" / ".probe*")) and "TORCH_DISABLE" not in result.stderr  # no restarts
 
 
+def test_auto_precision_on_the_cpu_is_fp32_and_eager():
+    assert vpl.choose_precision(vpl.Config(), torch.device("cpu"), print) == (None, False)  # bf16 is slow on most CPUs
+
+
 @pytest.mark.parametrize("capability,dtype", [((7, 0), torch.float16), ((8, 0), torch.bfloat16)])
 def test_gpus_without_bf16_units_fall_back_to_fp16(monkeypatch, capability, dtype):
     # a V100 (7.0) has no bf16 units (is_bf16_supported() still says yes: emulation); an A100 (8.0) has
@@ -1161,6 +1196,15 @@ for name, args in json.loads(sys.stdin.read()).items():  # vpl.main of each, in 
     results[name] = [code, stderr.getvalue()]
 print(json.dumps(results))
 """
+
+
+@pytest.mark.parametrize("name,bad", [(n, -1) for n in ("max_steps", "workers", "warmup_epochs", "clip_grad", "mixup", "cutmix",
+                                     "randaug", "lr_vit", "lr_cnn", "min_lr_vit", "wd_vit", "wd_cnn")]
+                         + [("label_smoothing", 1.0), ("reprob", 1.5), ("ema", -0.1)])
+def test_a_setting_out_of_its_range_is_refused_naming_its_flag(name, bad):
+    # a negative --clip-grad flips the gradients; --label-smoothing 1 makes every target uniform
+    with pytest.raises(vpl.UserError, match="--" + name.replace("_", "-")):
+        vpl.check_config(vpl.Config(**{name: type(getattr(vpl.Config(), name))(bad)}))
 
 
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path, reference_run):
