@@ -1023,6 +1023,14 @@ vpl.main(sys.argv[1:])
     assert not glob.glob(str(tmp_path / "fresh" / ".probe*")) and "TORCH_DISABLE" not in result.stderr  # no restarts
 
 
+def test_help_gives_each_flags_default_and_the_imagenet_presets_where_it_differs(capsys):
+    with pytest.raises(SystemExit):
+        vpl.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "image side, pixels (default 32, imagenet preset 224)" in text
+    assert "images per process per micro-step (default 128) " in text  # the preset's is the same: said once
+
+
 def test_auto_precision_on_the_cpu_is_fp32_and_eager():
     assert vpl.choose_precision(vpl.Config(), torch.device("cpu"), print) == (None, False)  # bf16 is slow on most CPUs
 

@@ -133,7 +133,8 @@ def parse_config(argv=None):
         if isinstance(f.default, bool):
             parser.add_argument(name, action=argparse.BooleanOptionalAction, help=meta["help"])
         else:
-            imagenet = f", imagenet preset {PRESETS['imagenet'][f.name]!r}" if f.name in PRESETS["imagenet"] else ""
+            imagenet = PRESETS["imagenet"].get(f.name, f.default)
+            imagenet = f", imagenet preset {imagenet!r}" if imagenet != f.default else ""
             default = f" (default {f.default!r}{imagenet})" if f.default != "" else ""  # '' is told in the help
             parser.add_argument(name, type=type(f.default), choices=meta["choices"], help=meta["help"] + default)
     given = vars(parser.parse_args(argv))
@@ -571,8 +572,8 @@ class Augmented(Dataset):
                 if j not in self.warned:
                     self.warned.add(j)
                     path = self.base.samples[j][0] if hasattr(self.base, "samples") else j
-                    print(f"vpl: warning: unreadable image {path} ({type(e).__name__}: {str(e)[:100]}); skipped",
-                          file=sys.stderr)
+                    reason = " ".join(str(e).split())[:100]  # on one line: PIL's messages can hold newlines
+                    print(f"vpl: warning: unreadable image {path} ({type(e).__name__}: {reason}); skipped", file=sys.stderr)
         from PIL import Image  # a broken folder: flagged like the others, so that the run stops with one line
         label = self.base.targets[index] if hasattr(self.base, "targets") else 0
         return self.augment(Image.new("RGB", (32, 32)), draw, index), int(label), 1
@@ -1364,10 +1365,10 @@ def run(cfg):
     train_loader, val_loader = build_loaders(cfg, train_set, val_set, rank, world, cuda)
     global_batch = cfg.batch_size * world * cfg.accum_steps
     steps_per_epoch = len(train_loader) // cfg.accum_steps
-    if cfg.bench:
-        return bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log)
     if steps_per_epoch < 1 and not cfg.eval_only:
         raise UserError(f"the train split ({len(train_set)} images) is smaller than one global batch ({global_batch})")
+    if cfg.bench:
+        return bench(cfg, device, amp_dtype, compile_, train_loader, num_classes, log)
     if cfg.repeat_aug > 1 and global_batch < 2 * cfg.repeat_aug and not cfg.eval_only:  # global_batch / N images
         raise UserError(f"--repeat-aug {cfg.repeat_aug} fills a global batch of {global_batch} with copies of fewer "
                         f"than 2 images: use at most {max(1, global_batch // 2)}, or a larger --batch-size")
@@ -1421,8 +1422,8 @@ def run(cfg):
         save_atomic("".join(json.dumps(h) + "\n" for h in history).encode(), log_path)
     if resume:
         now = asdict(cfg)  # flags the resumed run changes (more --epochs, say, stretch the schedule and the stages)
-        changed = [f"--{k.replace('_', '-')} {v} -> {now[k]}" for k, v in ckpt["config"].items()
-                   if k in now and v != now[k] and k not in ("resume", "auto_resume", "eval_only", "out")]
+        changed = [f"--{k.replace('_', '-')} {v!r} -> {now[k]!r}" for k, v in {**asdict(Config()), **ckpt["config"]}.items()
+                   if v != now.get(k, v) and k not in ("resume", "auto_resume", "eval_only", "out") and not cfg.eval_only]
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
         if fp16 and scaler.get_scale() == 1.0:  # a bf16 or fp32 run's scaler: scale 1 would flush fp16's gradients
             scaler.load_state_dict(make_scaler(device, amp_dtype).state_dict())
