@@ -995,8 +995,9 @@ def load_initial_weights(cfg, pair):
     for path, branch in ((cfg.init_vit, "vit"), (cfg.init_cnn, "cnn")):
         if path:
             state = load_checkpoint(path)
-            if isinstance(state.get("model"), dict) and "pair_head.fc.weight" in state["model"]:  # a vpl last.pt: this branch of its pair
-                state = {k[len(branch) + 1:]: v for k, v in state["model"].items() if k.startswith(branch + ".")}
+            pair_state = state.get("model")  # in a vpl last.pt, the whole pair: take this branch of it
+            if isinstance(pair_state, dict) and "pair_head.fc.weight" in pair_state:
+                state = {k[len(branch) + 1:]: v for k, v in pair_state.items() if k.startswith(branch + ".")}
             try:
                 load_branch_weights(getattr(pair, branch), state)
             except UserError as e:
@@ -1421,10 +1422,13 @@ def run(cfg):
             history = [h for h in whole if h["epoch"] < start_epoch]
         save_atomic("".join(json.dumps(h) + "\n" for h in history).encode(), log_path)
     if resume:
-        now = asdict(cfg)  # flags the resumed run changes (more --epochs, say, stretch the schedule and the stages)
-        changed = [f"--{k.replace('_', '-')} {v!r} -> {now[k]!r}" for k, v in {**asdict(Config()), **ckpt["config"]}.items()
-                   if v != now.get(k, v) and k not in ("resume", "auto_resume", "eval_only", "out") and not cfg.eval_only]
-        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}" + (f"; changed: {', '.join(changed)}" if changed else ""))
+        # flags the resumed run changes (more --epochs, say, stretch the schedule and the stages); keys that an older
+        # checkpoint lacks were at their defaults
+        now, made = asdict(cfg), {**asdict(Config()), **ckpt["config"]}
+        changed = [f"--{k.replace('_', '-')} {v!r} -> {now[k]!r}" for k, v in made.items() if v != now.get(k, v)
+                   and k not in ("resume", "auto_resume", "eval_only", "out") and not cfg.eval_only]
+        log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}"
+            + (f"; changed: {', '.join(changed)}" if changed else ""))
         if fp16 and scaler.get_scale() == 1.0:  # a bf16 or fp32 run's scaler: scale 1 would flush fp16's gradients
             scaler.load_state_dict(make_scaler(device, amp_dtype).state_dict())
             log(f"the checkpoint's GradScaler was not fp16's (scale 1): it starts afresh at {scaler.get_scale():g}")
