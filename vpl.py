@@ -1316,7 +1316,10 @@ def run(cfg):
         torch.backends.cudnn.benchmark = True  # one image size: cuDNN times its algorithms once, keeps the fastest
     amp_dtype, compile_ = choose_precision(cfg, device, log)
     ckpt_path, log_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "log.jsonl")
-    seen = round(all_sum(torch.tensor(float(os.path.exists(ckpt_path)), device=device), world).item())
+
+    def ranks_seeing(path):  # how many processes see this file (on node-local folders, some may not)
+        return round(all_sum(torch.tensor(float(os.path.exists(path)), device=device), world).item())
+    seen = ranks_seeing(ckpt_path)
     if 0 < seen < world:  # all ranks must take the same path, or they wait for each other forever
         raise UserError(f"{ckpt_path} is seen by {seen} of {world} processes: --out must be a folder that all share")
     resume = cfg.resume or cfg.eval_only or (cfg.auto_resume and seen > 0)
@@ -1338,7 +1341,7 @@ def run(cfg):
                 with contextlib.suppress(OSError):  # a full disk: the first checkpoint's write says so, in one line
                     open(probe, "w").close()
             dist.barrier()
-            shared = all_sum(torch.tensor(int(os.path.exists(probe)), device=device), world).item()
+            shared = ranks_seeing(probe)
             if 0 < shared < world:
                 log(f"vpl: warning: --out {cfg.out} is seen by {shared} of {world} processes: a restart would find "
                     "last.pt on some nodes only and stop; use a folder that all share", file=sys.stderr)
@@ -1425,8 +1428,8 @@ def run(cfg):
         # flags the resumed run changes (more --epochs, say, stretch the schedule and the stages); keys that an older
         # checkpoint lacks were at their defaults
         now, made = asdict(cfg), {**asdict(Config()), **ckpt["config"]}
-        changed = [f"--{k.replace('_', '-')} {v!r} -> {now[k]!r}" for k, v in made.items() if v != now.get(k, v)
-                   and k not in ("resume", "auto_resume", "eval_only", "out") and not cfg.eval_only]
+        changed = [] if cfg.eval_only else [f"--{k.replace('_', '-')} {v!r} -> {now[k]!r}" for k, v in made.items()
+                                            if v != now.get(k, v) and k not in ("resume", "auto_resume", "eval_only", "out")]
         log(f"resumed from {ckpt_path}: epoch {start_epoch}, step {step}"
             + (f"; changed: {', '.join(changed)}" if changed else ""))
         if fp16 and scaler.get_scale() == 1.0:  # a bf16 or fp32 run's scaler: scale 1 would flush fp16's gradients
