@@ -536,7 +536,8 @@ def make_demo(n, seed, img_size=32, classes=10):
     image = background + 0.2 * texture
     distractor = draw(torch.randint(classes, (n,), generator=g), 3.0)  # smaller, fainter, any class
     image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * distractor * 0.3
-    image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * draw(labels, 1.8)
+    mask = draw(labels, 1.8)  # drawn before the colour below: the order of the draws is the data
+    image = image + (0.55 + 0.45 * rand(n, 3, 1, 1) - image) * mask
     image = image + 0.05 * torch.randn(image.shape, generator=g)
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
@@ -570,7 +571,7 @@ class Augmented(Dataset):
 
     def augment(self, image, draw, index):
         with torch.random.fork_rng(devices=[]):  # the caller's RNG stays untouched
-            torch.manual_seed(hash((self.seed, draw, index)) % 2 ** 63)
+            torch.manual_seed(((self.seed * 1_000_003 + draw) * 100_000_007 + index) % 2 ** 63)
             return self.transform(image)
 
 
@@ -1378,8 +1379,8 @@ def run(cfg):
         train_set, val_set, num_classes = build_datasets(cfg)
         job = build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_classes, log)
         best = load_state(job, ckpt_path, resume).get("best", {"vit": -1.0, "cnn": -1.0})
-        # PHASE 3: wrap for DDP, then compile (DDP's notes: its optimizer splits the graph at its
-        # bucket boundaries, so that communication overlaps the backward) --------------------------
+        # PHASE 3: wrap for DDP, then compile, as PyTorch's DDP notes say -------------------------
+        # (docs/stable/notes/ddp.html): DDPOptimizer splits the graph at bucket boundaries
         job.model = DDP(job.pair, device_ids=[device.index] if device.index is not None else None) \
             if world > 1 else job.pair
         job.model = torch.compile(job.model) if compile_ else job.model
