@@ -3,8 +3,9 @@ Run: python -m pytest -q test_vpl.py"""
 import argparse  # noqa: F401  (imports the unit tests below share)
 import builtins
 import collections  # noqa: F401
+import contextlib
 import inspect  # noqa: F401
-import io  # noqa: F401
+import io
 import json
 import math
 import os
@@ -14,7 +15,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 
 import pytest
@@ -48,17 +48,39 @@ def run_script(script, *args, timeout=300, env=None):
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def main_in_process(args, capsys):
-    """vpl.main in this process (no interpreter to start, torch imported already): (exit code, stdout,
-    stderr). The global RNG is left as it was."""
-    with torch.random.fork_rng(devices=[]):
+def vpl_main(*args, check=True):
+    """run_vpl's vpl.main in this process: no interpreter to start and torch to import (about 3 s each).
+    Its output is caught; the global RNG is left as it was."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         try:
-            vpl.main(args)
+            vpl.main(list(args))
             code = 0
         except SystemExit as e:
             code = e.code
-    printed = capsys.readouterr()
-    return code, printed.out, printed.err
+    if check:
+        assert code == 0, stderr.getvalue()[-3000:]
+    return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+
+@contextlib.contextmanager
+def on_call(owner, name, n, action="signal"):
+    """Call n of owner.name (vpl.optimizer_step, vpl.evaluate, ...) first sends this process SIGTERM, as a
+    scheduler does (only inside the training loop, whose handler takes it), or raises (a crash)."""
+    fn, calls = getattr(owner, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            if action == "crash":
+                raise RuntimeError("a simulated crash")
+            os.kill(os.getpid(), signal.SIGTERM)
+        return fn(*args, **kwargs)
+    setattr(owner, name, wrapped)
+    try:
+        yield
+    finally:
+        setattr(owner, name, fn)
 
 
 def checkpoint(out):
@@ -120,7 +142,7 @@ def assert_same_log(out, reference, resumed=()):
 def reference_run(tmp_path_factory):
     """One uninterrupted tiny run that the resume tests must reproduce bit for bit."""
     out = str(tmp_path_factory.mktemp("reference"))
-    result = run_vpl(*TINY, "--out", out)
+    result = vpl_main(*TINY, "--out", out)
     return out, result.stdout
 
 
@@ -157,24 +179,13 @@ def torchrun(*args, nproc=2, check=True, timeout=300, env=None):
     return result
 
 
-def wait_for(predicate, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-# vpl.main under a wrapper: in process RANK `rank` (torchrun's; 0 without it), call n of vpl.<target> (a
-# function, or Class.method) first sends the process SIGTERM (as a scheduler does) or raises (a crash)
+# on_call in a process of its own: in the process of RANK `rank` (torchrun's; 0 without it), then vpl.main
 ON_CALL = f"""
 import os, signal, sys
 sys.path.insert(0, {HERE!r})
 import vpl
-def on_call(target, n, rank, action):
-    owner, name = (getattr(vpl, target.split(".")[0]), target.split(".")[1]) if "." in target else (vpl, target)
-    fn, calls = getattr(owner, name), []
+def on_call(name, n, rank, action):
+    fn, calls = getattr(vpl, name), []
     def wrapped(*args, **kwargs):
         calls.append(1)
         if len(calls) == n and os.environ.get("RANK", "0") == rank:
@@ -182,36 +193,10 @@ def on_call(target, n, rank, action):
                 raise RuntimeError("a simulated crash")
             os.kill(os.getpid(), signal.SIGTERM)
         return fn(*args, **kwargs)
-    setattr(owner, name, wrapped)
+    setattr(vpl, name, wrapped)
 on_call(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
 vpl.main(sys.argv[5:])
 """
-
-# vpl.main of each {name: flags} read from stdin, in one process (torch imported once): {name: [code, stderr]}
-MAIN_EACH = f"""
-import contextlib, io, json, sys
-sys.path.insert(0, {HERE!r})
-import vpl
-results = {{}}
-for name, args in json.loads(sys.stdin.read()).items():
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        try:
-            vpl.main(args)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    results[name] = [code, stderr.getvalue()]
-print(json.dumps(results))
-"""
-
-
-def main_each(flags):
-    env = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    ran = subprocess.run([sys.executable, "-c", MAIN_EACH], input=json.dumps(flags), capture_output=True, text=True,
-                         env={**os.environ, **env}, cwd=HERE, timeout=300)
-    assert ran.returncode == 0, ran.stderr[-3000:]
-    return json.loads(ran.stdout.splitlines()[-1])
 
 
 def progress_lines(stdout):
@@ -266,19 +251,19 @@ def test_run_logs_every_field_and_draws_the_chart(reference_run):
 
 def test_a_stop_by_max_steps_at_an_epochs_end_logs_it_and_the_resume_is_bit_identical_without_stale_log_lines(
         reference_run, tmp_path):
-    out = str(tmp_path)
-    first = run_vpl(*TINY, "--out", out, "--max-steps", "12")
+    out, reference = str(tmp_path), reference_run[0]
+    first = vpl_main(*TINY, "--out", out, "--max-steps", "12")
     assert stopped_at(first.stdout) == (12, "max_steps") and checkpoint(out)["step"] == 12
     # the epoch it ends is evaluated and logged before the stop, its train losses over all of its steps
-    assert [without(h, TIMINGS) for h in read_log(out)] == [without(read_log(reference_run[0])[0], TIMINGS)]
+    assert [without(h, TIMINGS) for h in read_log(out)] == [without(read_log(reference)[0], TIMINGS)]
     with open(os.path.join(out, "log.jsonl"), "a") as f:  # a record last.pt does not hold (a crash between the log's
-        f.write(json.dumps(read_log(reference_run[0])[1] | {"val_vit_top1": -1.0}) + "\n")  # write and the save),
+        f.write(json.dumps(read_log(reference)[1] | {"val_vit_top1": -1.0}) + "\n")  # write and the save),
         f.write('{"epoch": 1, "val_vi')  # and a line torn by a crash
-    resumed = run_vpl(*TINY, "--out", out, "--resume")
+    resumed = run_vpl(*TINY, "--out", out, "--resume")  # in a process of its own, as a restart is
     assert f"resumed from {out}/last.pt at step 12" in resumed.stdout
-    assert "epoch 1/2 | step 12/24" not in resumed.stdout and "| step 13/24 |" in resumed.stdout  # nothing redone
-    assert_same_checkpoint(out, reference_run[0])
-    assert_same_log(out, reference_run[0])  # whole: each epoch was trained in one run
+    assert "| step 12/24 |" not in resumed.stdout and "| step 13/24 |" in resumed.stdout  # nothing redone
+    assert_same_checkpoint(out, reference)
+    assert_same_log(out, reference)  # whole: each epoch was trained in one run
 
 
 def test_sigterm_anywhere_stops_at_the_next_log_point_and_the_resumes_are_bit_identical(reference_run, tmp_path):
@@ -298,45 +283,35 @@ def test_sigterm_anywhere_stops_at_the_next_log_point_and_the_resumes_are_bit_id
     assert not os.path.exists(os.path.join(out, "log.jsonl")) or not read_log(out)  # epoch 0 not evaluated
     first_part = float(re.search(rf"\| step {step}/24 \| total ([\d.]+) ", rest).group(1))
     # 2. during the evaluation of epoch 0: the request waits for the next log point, step 13
-    second = run_script(ON_CALL, "evaluate", "1", "0", "signal", *TINY, "--out", out, "--resume")
-    assert second.returncode == 0, second.stderr[-3000:]
+    with on_call(vpl, "evaluate", 1):
+        second = vpl_main(*TINY, "--out", out, "--resume")
     assert stopped_at(second.stdout) == (13, "signal") and len(read_log(out)) == 1
     # epoch 0's mean train loss is that of the resumed part: with the stopped part's it makes the whole one
     whole, resumed_part = read_log(reference_run[0])[0]["train_total"], read_log(out)[0]["train_total"]
     assert (step * first_part + (12 - step) * resumed_part) / 12 == pytest.approx(whole, abs=1e-3)  # printed: 3 digits
-    run_vpl(*TINY, "--out", out, "--resume")  # with 0 workers: augmentation does not depend on them
+    vpl_main(*TINY, "--out", out, "--resume")  # with 0 workers: augmentation does not depend on them
     assert_same_checkpoint(out, reference_run[0])
     assert_same_log(out, reference_run[0], resumed=(0, 1))
 
 
-# spies on the loop: the lr of every parameter group as each optimizer step applies it, and each micro-batch's
-# pair weight, total loss and targets as the criterion gets them
-SPY = f"""
-import json, sys
-sys.path.insert(0, {HERE!r})
-import vpl
-calls = {{"criterion": [], "optimizer_step": []}}
-forward, optimizer_step = vpl.PairLoss.forward, vpl.optimizer_step
-def spy_forward(self, out, target, a):
-    total, terms = forward(self, out, target, a)
-    calls["criterion"].append([a, total.item(), target.tolist()])
-    return total, terms
-def spy_optimizer_step(optimizers, *args):
-    calls["optimizer_step"].append([[group["lr"] for group in optimizer.param_groups] for optimizer in optimizers])
-    return optimizer_step(optimizers, *args)
-vpl.PairLoss.forward, vpl.optimizer_step = spy_forward, spy_optimizer_step
-vpl.main(sys.argv[2:])
-json.dump(calls, open(sys.argv[1], "w"))
-"""
+def test_the_loop_steps_with_the_lr_pair_weight_data_order_and_accumulation_computed_by_hand(tmp_path, monkeypatch):
+    # 192 images in micro-batches of 16, two per step: global batch 32, 6 steps per epoch, 12 in all, 6 of warm-up.
+    # Spies: the lr of every parameter group as each optimizer step applies it; each micro-batch's pair weight,
+    # total loss and targets as the criterion gets them
+    forward, optimizer_step, criterion, steps = vpl.PairLoss.forward, vpl.optimizer_step, [], []
 
+    def spy_forward(self, outputs, target, a):
+        total, terms = forward(self, outputs, target, a)
+        criterion.append([a, total.item(), target.tolist()])
+        return total, terms
 
-def test_the_loop_steps_with_the_lr_pair_weight_data_order_and_accumulation_computed_by_hand(tmp_path):
-    # 192 images in micro-batches of 16, two per step: global batch 32, 6 steps per epoch, 12 in all, 6 of warm-up
-    record, out = tmp_path / "calls.json", str(tmp_path / "run")
-    result = run_script(SPY, str(record), *TINY, "--demo-train", "192", "--demo-val", "20", "--batch-size", "16",
-                        "--accum-steps", "2", "--out", out)
-    assert result.returncode == 0, result.stderr[-3000:]
-    calls = json.loads(record.read_text())
+    def spy_optimizer_step(optimizers, *args):
+        steps.append([[group["lr"] for group in optimizer.param_groups] for optimizer in optimizers])
+        return optimizer_step(optimizers, *args)
+    monkeypatch.setattr(vpl.PairLoss, "forward", spy_forward)
+    monkeypatch.setattr(vpl, "optimizer_step", spy_optimizer_step)
+    out = str(tmp_path)
+    vpl_main(*TINY, "--demo-train", "192", "--demo-val", "20", "--batch-size", "16", "--accum-steps", "2", "--out", out)
 
     def lr(step, peak, final):
         if step < 6:
@@ -345,20 +320,20 @@ def test_the_loop_steps_with_the_lr_pair_weight_data_order_and_accumulation_comp
 
     def pair_weight(step):  # stages 0.25,0.75 of 12 steps, ramp 0.1, --pair-weight 0.2
         return 0.2 * min(1.0, (step / 12 - 0.25) / 0.1) if 0.25 <= step / 12 < 0.75 else 0.0
-    assert len(calls["optimizer_step"]) == 12 and len(calls["criterion"]) == 24
-    for step, (vit, head, cnn) in enumerate(calls["optimizer_step"]):
+    assert len(steps) == 12 and len(criterion) == 24
+    for step, (vit, head, cnn) in enumerate(steps):
         assert vit + head == pytest.approx([lr(step, 4e-3 * 32 / 512, 1e-5)] * (len(vit) + len(head)))
         assert cnn == pytest.approx([lr(step, 0.8 * 32 / 1024, 0.0)] * len(cnn))
-    for micro, (a, _, _) in enumerate(calls["criterion"]):
+    for micro, (a, _, _) in enumerate(criterion):
         assert a == pytest.approx(pair_weight(micro // 2), abs=1e-12)
     labels = vpl.make_demo(212, 0)[1][:192]  # each epoch in its own order: a permutation seeded by seed + epoch
-    for micro, (_, _, targets) in enumerate(calls["criterion"]):
+    for micro, (_, _, targets) in enumerate(criterion):
         order = torch.randperm(192, generator=torch.Generator().manual_seed(micro // 12)).tolist()
         assert targets == labels[order[16 * (micro % 12):16 * (micro % 12 + 1)]].tolist(), micro
     log = read_log(out)
     assert [h["epoch"] for h in log] == [0, 1]
     for epoch, record in enumerate(log):  # each step's total is the mean of its two micro-batches'
-        totals = [total for _, total, _ in calls["criterion"][12 * epoch:12 * (epoch + 1)]]
+        totals = [total for _, total, _ in criterion[12 * epoch:12 * (epoch + 1)]]
         assert record["train_total"] == pytest.approx(sum(totals) / 12, rel=1e-5)
         assert record["pair_weight"] == pytest.approx(pair_weight(6 * epoch + 5), abs=1e-12)
 
@@ -372,14 +347,14 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
                "--randaug", "9", "--reprob", "0.25", "--stages", "0.5,0.75",
                "--seed", "20240101"]  # a date as seed: the per-image seeds must not overflow
     whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
-    run_vpl(*options, "--out", whole)
+    vpl_main(*options, "--out", whole)
     for call, at, resume in ((3, 3, []), (1, 4, ["--resume"])):  # mid-epoch: the data order and MixUp continue
-        stopped = run_script(ON_CALL, "optimizer_step", str(call), "0", "signal", *options, *resume, "--out", parts)
-        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        with on_call(vpl, "optimizer_step", call):
+            stopped = vpl_main(*options, *resume, "--out", parts)
         assert stopped_at(stopped.stdout) == (at, "signal")
     assert "| step 4/8 |" in stopped.stdout  # a resume whose first step ends the epoch prints its line
     assert [h["epoch"] for h in read_log(parts)] == [0]
-    run_vpl(*options, "--out", parts, "--resume")
+    vpl_main(*options, "--out", parts, "--resume")
     assert_same_checkpoint(parts, whole)
     assert_same_log(parts, whole, resumed=(0,))
     log = read_log(whole)
@@ -390,7 +365,7 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
         exported = torch.load(os.path.join(whole, f"{branch}_ema.pt"), weights_only=True)
         assert_same(exported, {k[len(branch) + 1:]: v for k, v in ckpt["ema"].items() if k.startswith(branch + ".")})
     # --eval-only evaluates the checkpoint's EMA too, without being told
-    evaluated = json.loads(run_vpl(*options, "--out", whole, "--eval-only").stdout.splitlines()[-1])
+    evaluated = json.loads(vpl_main(*options, "--out", whole, "--eval-only").stdout.splitlines()[-1])
     assert evaluated.keys() == {k for k in log[-1] if k.startswith(("val_", "ema_val_"))}
     for key, value in evaluated.items():
         assert value == pytest.approx(log[-1][key], abs=1e-9), key
@@ -401,7 +376,7 @@ def test_a_resume_may_add_an_ema_which_starts_from_the_resumed_weights_and_fp16_
     # fp32's scaler state is empty (scale 1): loaded into an fp16 run, small fp16 gradients would flush to zero
     out = str(tmp_path / "run")
     shutil.copytree(reference_run[0], out)  # made with --amp off, without EMA
-    run_vpl(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "25", "--ema", "0.5", "--amp", "fp16")
+    vpl_main(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "25", "--ema", "0.5", "--amp", "fp16")
     resumed, after = model_state(reference_run[0]), checkpoint(out)
     assert after["step"] == 25 and after["scaler"]["scale"] >= 2.0 ** 10
     for key, ema in after["ema"].items():  # one step of decay 0.5: halfway from the resumed to the new weights
@@ -415,11 +390,10 @@ def test_eval_only_reproduces_the_logged_accuracies_and_leaves_the_log_alone(ref
     last = read_log(out)[-1]
     with open(os.path.join(out, "log.jsonl"), "a") as f:  # as a run still training writes it after its checkpoint
         f.write(json.dumps({**last, "epoch": last["epoch"] + 1}) + "\n")
-    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
     ckpt = checkpoint(out)  # without its optimizers: it needs none
     torch.save({k: v for k, v in ckpt.items() if not k.startswith(("opt_", "scaler"))}, os.path.join(out, "last.pt"))
-    before["last.pt"] = open(os.path.join(out, "last.pt"), "rb").read()
-    result = run_vpl(*TINY, "--out", out, "--eval-only", "--repeat-aug", "40")  # a train-only setting: not checked
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    result = vpl_main(*TINY, "--out", out, "--eval-only", "--repeat-aug", "40")  # a train-only setting: not checked
     evaluated = json.loads(result.stdout.strip().splitlines()[-1])
     assert evaluated.keys() == {k for k in last if k.startswith("val_")}
     for key, value in evaluated.items():
@@ -430,11 +404,11 @@ def test_eval_only_reproduces_the_logged_accuracies_and_leaves_the_log_alone(ref
 def test_a_run_starts_its_branches_from_the_init_files(reference_run, tmp_path):
     ref = reference_run[0]  # at lr 0 a step leaves every weight where it started (BatchNorm's statistics move)
     # the ViT from its export, the CNN from the pair in a vpl last.pt
-    run_vpl(*TINY, "--init-vit", os.path.join(ref, "vit.pt"), "--init-cnn", os.path.join(ref, "last.pt"),
-            "--lr-vit", "0", "--lr-cnn", "0", "--max-steps", "1", "--out", str(tmp_path))
-    state, last = model_state(str(tmp_path)), model_state(ref)
+    vpl_main(*TINY, "--init-vit", os.path.join(ref, "vit.pt"), "--init-cnn", os.path.join(ref, "last.pt"),
+             "--lr-vit", "0", "--lr-cnn", "0", "--max-steps", "1", "--out", str(tmp_path))
+    state = model_state(str(tmp_path))
     starts = {"vit": torch.load(os.path.join(ref, "vit.pt"), weights_only=True),
-              "cnn": {k[4:]: v for k, v in last.items() if k.startswith("cnn.")}}
+              "cnn": {k[4:]: v for k, v in model_state(ref).items() if k.startswith("cnn.")}}
     for branch, model in (("vit", vpl.vit_tiny()), ("cnn", vpl.resnet_tiny())):
         for name, _ in model.named_parameters():
             assert torch.equal(state[f"{branch}.{name}"], starts[branch][name]), (branch, name)
@@ -462,7 +436,7 @@ def test_two_processes_train_as_one_count_each_val_image_once_and_stop_together(
             "--warmup-epochs", "0", "--demo-train", "192", "--demo-val", "101"]
     two, one, stopped = (str(tmp_path / name) for name in ("two", "one", "stopped"))
     torchrun(VPL, *args, "--accum-steps", "2", "--out", two)
-    run_vpl(*args, "--accum-steps", "4", "--out", one)
+    vpl_main(*args, "--accum-steps", "4", "--out", one)
     a, b = model_state(two), model_state(one)
     start = vpl.build_pair(vpl.parse_config(args), 10).state_dict()
     differ = sum((a[key] - value).abs().sum() for key, value in b.items())
@@ -476,7 +450,7 @@ def test_two_processes_train_as_one_count_each_val_image_once_and_stop_together(
     # 101 val images split 51 + 50: each counted once; one process evaluating the checkpoint agrees
     assert log_two["world_size"] == 2 and log_two["val_images"] == 101
     assert checkpoint(two)["made"]["world"] == 2 and len(checkpoint(two)["rng"]) == 2
-    single = json.loads(run_vpl(*args, "--out", two, "--eval-only").stdout.strip().splitlines()[-1])
+    single = json.loads(vpl_main(*args, "--out", two, "--eval-only").stdout.strip().splitlines()[-1])
     for key, value in single.items():
         assert value == pytest.approx(log_two[key], abs=1e-9), key
     # SIGTERM to rank 1 alone, at its second step: the request travels in the all-reduced flags, so both ranks
@@ -494,7 +468,7 @@ def test_image_folder_trains_and_a_corrupt_image_is_replaced_or_left_out_with_a_
     data, out = tmp_path / "data", str(tmp_path / "out")
     write_image_folder(data, 52, corrupt=[("train", "ant", 3), ("val", "bee", 1)])  # train: 1 of 104, < 1%
     (data / "val" / "ant" / "2.png").write_bytes(png_header(20000, 20000))  # PIL's DecompressionBombError
-    result = run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", out)
+    result = vpl_main("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", out)
     warnings = [line for line in result.stderr.splitlines() if "unreadable image" in line]
     named = sorted(re.search(r"unreadable image (\S+) ", line).group(1) for line in warnings)
     assert named == sorted(str(data / split / c / f"{i}.png") for split, c, i in
@@ -506,7 +480,7 @@ def test_image_folder_trains_and_a_corrupt_image_is_replaced_or_left_out_with_a_
     # an unreadable val image is left out, not replaced: the same as evaluating without it
     os.remove(data / "val" / "bee" / "1.png")
     os.remove(data / "val" / "ant" / "2.png")
-    evaluated = json.loads(run_vpl("--data", str(data), *FOLDER_ARGS, "--out", out, "--eval-only").stdout.splitlines()[-1])
+    evaluated = json.loads(vpl_main("--data", str(data), *FOLDER_ARGS, "--out", out, "--eval-only").stdout.splitlines()[-1])
     assert "val_bad_images" not in evaluated
     for key, value in evaluated.items():
         assert value == pytest.approx(log[key], abs=1e-9), key
@@ -525,16 +499,7 @@ def test_a_split_that_cannot_be_listed_is_one_line(tmp_path, monkeypatch):
 def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path):
     data, out = tmp_path / "data", tmp_path / "out"
     write_image_folder(data, 12)  # 24 train images: 3 steps of 8; 8 val images
-    run_vpl("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", str(out))
-    corrupt = {"some": ("train", 4), "all-more-than-16-in-a-row": ("train", 24), "all-of-val": ("val", 8)}
-    flags = {}
-    for name, (split, count) in corrupt.items():
-        shutil.copytree(data, tmp_path / name / "data")
-        shutil.copytree(out, tmp_path / name / "out")
-        write_image_folder(tmp_path / name / "data", 12,
-                           corrupt=[(split, c, i) for i in range(12) for c in ("bee", "ant")][:count])
-        flags[name] = ["--data", str(tmp_path / name / "data"), *FOLDER_ARGS, "--epochs", "2", "--resume",
-                       "--out", str(tmp_path / name / "out")]
+    vpl_main("--data", str(data), *FOLDER_ARGS, "--epochs", "1", "--out", str(out))
     # "some": the first step whose batch holds a bad image ends the run; its count by hand, with torchvision's
     # ImageFolder order and the epoch's permutation (seed 0 + epoch 1)
     samples = torchvision.datasets.ImageFolder(str(data / "train")).samples
@@ -542,22 +507,27 @@ def test_too_many_bad_images_stop_the_run_and_keep_the_checkpoint(tmp_path):
            for path, _ in samples]
     order = torch.randperm(24, generator=torch.Generator().manual_seed(1)).tolist()
     step = next(s for s in range(1, 4) if any(bad[i] for i in order[8 * (s - 1):8 * s]))
-    seen_bad = sum(bad[i] for i in order[:8 * step])
-    expected = {"some": (3, f"vpl: error: {seen_bad} unreadable images this epoch (> 1%): check --data"),
-                "all-more-than-16-in-a-row": (3, "vpl: error: 8 unreadable images this epoch (> 1%): check --data"),
-                "all-of-val": (2, "vpl: error: none of the 8 val images could be read: check --data")}
-    for name, (code, stderr) in main_each(flags).items():
-        assert (code, stderr.strip().splitlines()[-1]) == expected[name], (name, stderr[-2000:])
-        assert "Traceback" not in stderr
+    cases = {"some": ("train", 4, 3, f"{sum(bad[i] for i in order[:8 * step])} unreadable images this epoch (> 1%)"),
+             "all-more-than-16-in-a-row": ("train", 24, 3, "8 unreadable images this epoch (> 1%)"),
+             "all-of-val": ("val", 8, 2, "none of the 8 val images could be read")}
+    for name, (split, count, code, message) in cases.items():
+        shutil.copytree(data, tmp_path / name / "data")
+        shutil.copytree(out, tmp_path / name / "out")
+        write_image_folder(tmp_path / name / "data", 12,
+                           corrupt=[(split, c, i) for i in range(12) for c in ("bee", "ant")][:count])
+        result = vpl_main("--data", str(tmp_path / name / "data"), *FOLDER_ARGS, "--epochs", "2", "--resume",
+                          "--out", str(tmp_path / name / "out"), check=False)
+        assert (result.returncode, result.stderr.strip().splitlines()[-1]) == \
+            (code, f"vpl: error: {message}: check --data"), (name, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr and "stopped at" not in result.stdout
         # images the run trained on as stand-ins, or an epoch it cannot evaluate: nothing of the epoch is kept
         for kept in ("last.pt", "log.jsonl"):
             assert (tmp_path / name / "out" / kept).read_bytes() == (out / kept).read_bytes(), (name, kept)
 
 
 @pytest.fixture(scope="module")
-def bad_input(tmp_path_factory, reference_run):
-    """Each bad input's vpl.main, all in one process: (cases, {name: [exit code, stderr]}, a copy of the
-    reference run that none of them may touch)."""
+def bad_input(tmp_path_factory, reference_run):  # a fixture: the unit tests' range checks may share its runs
+    """Each bad input's vpl.main: (cases, {name: its run}, a copy of the reference run that none may touch)."""
     d = tmp_path_factory.mktemp("bad_input")
     write_image_folder(d / "no_val", 1)
     shutil.rmtree(d / "no_val" / "val")
@@ -594,7 +564,8 @@ def bad_input(tmp_path_factory, reference_run):
         "pair weight": ("--pair-weight must be in [0, 1], got 1.5", ["--pair-weight", "1.5"]),
         "stages": ("--stages must satisfy 0 <= S1 <= S2 <= 1", ["--stages", "0.9,0.1"]),
         "stages not two numbers": ("--stages must be two fractions", ["--stages", "0.5"]),
-        "temperature": ("--pair-temp must be in [0.01, 100], got 0.0", ["--pair-temp", "0"]),
+        "temperature": ("--pair-temp must be ", ["--pair-temp", "0"]),
+        "infinite temperature": ("--pair-temp must be a finite number", ["--pair-temp", "inf"]),
         "teacher": ("invalid choice: 'both'", ["--teacher", "both"]),
         "batch size": ("--batch-size must be in [1, inf], got 0", ["--batch-size", "0"]),
         "accumulation": ("--accum-steps must be in [1, inf], got 0", ["--accum-steps", "0"]),
@@ -613,76 +584,73 @@ def bad_input(tmp_path_factory, reference_run):
         "negative train images": ("--demo-train must be in [1, inf], got -5", ["--demo-train", "-5"]),
         "size not a multiple of the patch": ("--img-size 30 must be a multiple of the ViT's patch size (4)",
                                              ["--img-size", "30"]),
-        "no cuda": ("--device cuda: no CUDA device is available", ["--device", "cuda"]),
+        "no cuda": ("--device cuda: no CUDA device is available" if not torch.cuda.is_available() else
+                    "--epochs must be in [1, inf], got -1",
+                    ["--device", "cuda"] if not torch.cuda.is_available() else ["--epochs", "-1"]),
         "train split below one batch": ("the train split (16 images) is smaller than one global batch (32)",
-                                        [*TINY, "--demo-train", "16"]),
+                                        ["--demo-train", "16"]),
         "init from a file that is no checkpoint": ("vpl.py: not a readable checkpoint", ["--init-vit", VPL]),
         "init from a text file": ("a_file: not a readable checkpoint", ["--init-vit", str(d / "a_file")]),
         "init from a tensor": ("holds a Tensor, not a dict of weights", ["--init-cnn", str(d / "tensor" / "last.pt")]),
         "init from nowhere": ("nowhere.pt: no such checkpoint", ["--init-cnn", str(d / "nowhere.pt")]),
         "init a CNN from a ViT": (f"--init-cnn {other / 'vit.pt'}: weights do not fit the branch",
                                   ["--init-cnn", str(other / "vit.pt")]),
-        "out is a file": ("cannot make that folder", [*TINY, "--out", str(d / "a_file")]),
-        "fresh run over a checkpoint": (f"{other / 'last.pt'} exists: pass --resume", [*TINY, "--out", str(other)]),
-        "eval-only without checkpoint": ("last.pt: no checkpoint to evaluate", ["--eval-only", "--out", str(d / "empty")]),
-        "resume a foreign checkpoint": ("foreign/last.pt: not a checkpoint of vpl.py",
-                                        [*TINY, "--resume", "--out", str(d / "foreign")]),
-        "resume a tensor": ("holds a Tensor", [*TINY, "--resume", "--out", str(d / "tensor")]),
-        "resume other models": ("made with cnn resnet_tiny, not vit_tiny",
-                                [*TINY, "--resume", "--out", str(other), "--cnn", "vit_tiny"]),
-        "resume at another size": ("made with img size 32, not 64",
-                                   [*TINY, "--resume", "--out", str(other), "--img-size", "64"]),
-        "evaluate at another size": ("made with img size 32, not 64",
-                                     [*TINY, "--eval-only", "--out", str(other), "--img-size", "64"]),
-        "resume on other classes": ("made with classes 10, not 2", [*TINY, "--data", str(d / "two_classes"),
-                                    "--preset", "demo", "--resume", "--out", str(other)]),
-        "resume another global batch": ("made with global batch 32, not 16",
-                                        [*TINY, "--resume", "--out", str(other), "--batch-size", "16"]),
-        "resume with another data order": ("made with repeat aug 1, not 2",
-                                           [*TINY, "--resume", "--out", str(other), "--repeat-aug", "2"]),
-        "resume with another seed": ("made with seed 0, not 3", [*TINY, "--resume", "--out", str(other), "--seed", "3"]),
-        "resume on fewer demo images": ("made with train images 384, not 200",
-                                        [*TINY, "--resume", "--out", str(other), "--demo-train", "200"]),
-        "resume in another number of processes": ("made with world 2, not 1",
-                                                  [*TINY, "--resume", "--out", str(d / "two_processes")]),
-        "resume with fewer epochs": ("last.pt has trained 24 steps, more than --epochs 1 hold (12)",
-                                     [*TINY, "--resume", "--out", str(other), "--epochs", "1"]),
-        "resume past --max-steps": ("last.pt has trained 24 steps, reaching --max-steps 5",
-                                    [*TINY, "--resume", "--out", str(other), "--max-steps", "5"]),
-        "infinite temperature": ("--pair-temp must be a finite number", ["--pair-temp", "inf"]),
         "init a ViT from a ResNet": (f"--init-vit {other / 'cnn.pt'}: weights do not fit the branch",
                                      ["--init-vit", str(other / "cnn.pt")]),
+        "out is a file": ("cannot make that folder", ["--out", str(d / "a_file")]),
+        "fresh run over a checkpoint": (f"{other / 'last.pt'} exists: pass --resume", ["--out", str(other)]),
+        "eval-only without checkpoint": ("last.pt: no checkpoint to evaluate", ["--eval-only", "--out", str(d / "empty")]),
+        "resume a foreign checkpoint": ("foreign/last.pt: not a checkpoint of vpl.py",
+                                        ["--resume", "--out", str(d / "foreign")]),
+        "resume a tensor": ("holds a Tensor", ["--resume", "--out", str(d / "tensor")]),
+        "resume other models": ("made with cnn resnet_tiny, not vit_tiny",
+                                ["--resume", "--out", str(other), "--cnn", "vit_tiny"]),
+        "resume at another size": ("made with img size 32, not 64",
+                                   ["--resume", "--out", str(other), "--img-size", "64"]),
+        "evaluate at another size": ("made with img size 32, not 64",
+                                     ["--eval-only", "--out", str(other), "--img-size", "64"]),
+        "resume on other classes": ("made with classes 10, not 2", ["--data", str(d / "two_classes"),
+                                    "--preset", "demo", "--resume", "--out", str(other)]),
+        "resume another global batch": ("made with global batch 32, not 16",
+                                        ["--resume", "--out", str(other), "--batch-size", "16"]),
+        "resume with another data order": ("made with repeat aug 1, not 2",
+                                           ["--resume", "--out", str(other), "--repeat-aug", "2"]),
+        "resume with another seed": ("made with seed 0, not 3", ["--resume", "--out", str(other), "--seed", "3"]),
+        "resume on fewer demo images": ("made with train images 384, not 200",
+                                        ["--resume", "--out", str(other), "--demo-train", "200"]),
+        "resume in another number of processes": ("made with world 2, not 1",
+                                                  ["--resume", "--out", str(d / "two_processes")]),
+        "resume with fewer epochs": ("last.pt has trained 24 steps, more than --epochs 1 hold (12)",
+                                     ["--resume", "--out", str(other), "--epochs", "1"]),
+        "resume past --max-steps": ("last.pt has trained 24 steps, reaching --max-steps 5",
+                                    ["--resume", "--out", str(other), "--max-steps", "5"]),
     }
     # each after TINY and --max-steps 1, so that a check that let its case through costs one tiny step, and in
     # a --out of its own, so that such a step does not change the next case
-    flags = {name: [*TINY, "--max-steps", "1", *args, *([] if "--out" in args else ["--out", str(d / "outs" / str(i))])]
-             for i, (name, (_, args)) in enumerate(cases.items())}
-    return cases, main_each(flags), other
-
-
-def bad_input_failures(bad_input, names):
-    cases, results, _ = bad_input
-    failures = []
-    for name in names:
-        code, stderr = results[name]
-        lines = [line for line in stderr.splitlines() if line.strip()]
-        if not (code == 2 and len(lines) == 1 and lines[0].startswith("vpl: error: ") and cases[name][0] in lines[0]):
-            failures.append((name, code, stderr[-1000:]))
-    return failures
+    runs = {name: vpl_main(*TINY, "--max-steps", "1", *args,
+                           *([] if "--out" in args else ["--out", str(d / "outs" / str(i))]), check=False)
+            for i, (name, (_, args)) in enumerate(cases.items())}
+    return cases, runs, other
 
 
 def test_bad_input_gives_one_line_and_exit_code_2(bad_input, reference_run):
-    cases, _, other = bad_input
-    assert bad_input_failures(bad_input, list(cases)) == []
+    cases, runs, other = bad_input
+    failures = []  # all of them, not the first only
+    for name, (message, _) in cases.items():
+        lines = [line for line in runs[name].stderr.splitlines() if line.strip()]
+        if not (runs[name].returncode == 2 and len(lines) == 1 and lines[0].startswith("vpl: error: ")
+                and message in lines[0]):
+            failures.append((name, runs[name].returncode, runs[name].stderr[-1000:]))
+    assert failures == []
     assert (other / "last.pt").read_bytes() == open(os.path.join(reference_run[0], "last.pt"), "rb").read()
     assert read_log(str(other)) == read_log(reference_run[0])
 
 
 @pytest.mark.parametrize("poisoned,terms", [
     ("vit", "vit_ce, vit_kd, cnn_kd"),  # the ViT's logits, and through them the CNN's teacher
-    ("vit,cnn,pair", "vit_ce, vit_kd, cnn_ce, cnn_kd, pair_ce")])
-def test_a_nonfinite_loss_stops_naming_its_terms_and_keeps_the_checkpoint(reference_run, tmp_path, capsys,
-                                                                           monkeypatch, poisoned, terms):
+    ("vit,cnn,pair", "vit_ce, vit_kd, cnn_ce, cnn_kd, pair_ce")])  # every term, each named
+def test_a_nonfinite_loss_stops_naming_its_terms_and_keeps_the_checkpoint(reference_run, tmp_path, monkeypatch,
+                                                                           poisoned, terms):
     out = str(tmp_path / "run")
     shutil.copytree(reference_run[0], out)
     before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
@@ -694,16 +662,16 @@ def test_a_nonfinite_loss_stops_naming_its_terms_and_keeps_the_checkpoint(refere
             outputs = {k: v * float("nan") if k in poisoned.split(",") else v for k, v in outputs.items()}
         return forward(self, outputs, target, a)
     monkeypatch.setattr(vpl.PairLoss, "forward", nan_on_second_call)
-    code, stdout, stderr = main_in_process([*TINY, "--out", out, "--resume", "--epochs", "3"], capsys)
-    assert code == 3 and "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1] == (f"vpl: error: non-finite loss ({terms}) by step 26: lower the lr, or "
-                                               "use --amp bf16 or --clip-grad, then --resume")
-    assert "stopped at" not in stdout and "| step 27/" not in stdout
+    result = vpl_main(*TINY, "--out", out, "--resume", "--epochs", "3", check=False)
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (f"vpl: error: non-finite loss ({terms}) by step 26: lower the "
+                                                      "lr, or use --amp bf16 or --clip-grad, then --resume")
+    assert "stopped at" not in result.stdout and "| step 27/" not in result.stdout
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
 
 
 def test_a_failed_log_write_is_one_line_keeps_the_previous_checkpoint_and_gives_the_signal_handlers_back(
-        tmp_path, capsys, monkeypatch):
+        tmp_path, monkeypatch):
     out = str(tmp_path)
     appends = []
 
@@ -715,15 +683,15 @@ def test_a_failed_log_write_is_one_line_keeps_the_previous_checkpoint_and_gives_
         return builtins.open(name, mode, *args, **kwargs)
     monkeypatch.setattr(vpl, "open", disk_full_at_the_second_record, raising=False)
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    code, _, stderr = main_in_process(["--demo-train", "64", "--demo-val", "8", "--batch-size", "32", "--epochs", "2",
-                                       "--workers", "0", "--out", out], capsys)
-    assert code == 2 and "Traceback" not in stderr
-    assert stderr.strip().splitlines() == [f"vpl: error: cannot write {out}/log.jsonl (No space left on device)"]
+    result = vpl_main("--demo-train", "64", "--demo-val", "8", "--batch-size", "32", "--epochs", "2", "--workers", "0",
+                      "--out", out, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"vpl: error: cannot write {out}/log.jsonl (No space left on device)"]
     assert checkpoint(out)["step"] == 2 and [h["epoch"] for h in read_log(out)] == [0]  # the first epoch's
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
 
 
-def test_mixup_rarely_pairs_an_image_with_its_repeated_copy(tmp_path, capsys, monkeypatch):
+def test_mixup_rarely_pairs_an_image_with_its_repeated_copy(tmp_path, monkeypatch):
     # MixUp pairs neighbours in the batch, and on one process --repeat-aug's copies are neighbours: a target
     # of one class would then be the rule (lam * y + (1 - lam) * y), not the chance of two images sharing one
     forward, targets = vpl.PairLoss.forward, []
@@ -732,9 +700,8 @@ def test_mixup_rarely_pairs_an_image_with_its_repeated_copy(tmp_path, capsys, mo
         targets.append(target)
         return forward(self, outputs, target, a)
     monkeypatch.setattr(vpl.PairLoss, "forward", recording)
-    code, _, stderr = main_in_process([*TINY, "--repeat-aug", "3", "--mixup", "0.8", "--label-smoothing", "0",
-                                       "--max-steps", "6", "--out", str(tmp_path)], capsys)
-    assert code == 0, stderr
+    vpl_main(*TINY, "--repeat-aug", "3", "--mixup", "0.8", "--label-smoothing", "0", "--max-steps", "6",
+             "--out", str(tmp_path))
     targets = torch.cat(targets)
     assert targets.shape == (6 * 32, 10)  # probabilities: every batch was mixed
     assert (targets.max(1).values > 0.999).float().mean().item() < 0.3  # 10 classes: ~0.1 by chance; paired, ~0.7
