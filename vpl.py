@@ -1286,17 +1286,18 @@ def prepare_out(cfg, rank, world, device):
     found = torch.tensor(float(os.path.isfile(path)), device=device)
     if world > 1:
         dist.broadcast(found, 0)
-    if found.item() and not (cfg.resume or cfg.eval_only):
+    found = bool(found.item())  # rank 0's answer, on every rank
+    if found and not (cfg.resume or cfg.eval_only):
         raise UserError(f"{path} exists: pass --resume to continue it, or choose another --out")
-    if cfg.eval_only and not found.item():
+    if cfg.eval_only and not found:
         raise UserError(f"{path}: no checkpoint to evaluate")
     try:
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {cfg.out}: cannot make that folder ({e.strerror or e})") from None
-    if rank == 0 and not found.item() and os.path.exists(log_path):  # a run killed before last.pt
+    if rank == 0 and not found and os.path.exists(log_path):  # a run killed before last.pt
         os.replace(log_path, log_path + ".old")
-    return path, bool(found.item())
+    return path, found
 
 
 @contextlib.contextmanager
