@@ -224,7 +224,7 @@ def test_run_logs_every_field_and_draws_the_chart(reference_run):
     assert [h["epoch"] for h in log] == [0, 1]
     keys = {"epoch", "stage", "pair_weight", "world_size", "val_images", "bad_images", *TIMINGS}
     keys |= {f"val_{m}_top{k}" for m in ("vit", "cnn", "pair", "ens") for k in (1, 5)}
-    keys |= {f"train_{t}" for t in ("total", "vit_ce", "vit_kd", "cnn_ce", "cnn_kd", "pair_ce")}
+    keys |= {f"train_{t}" for t in ("total", "vit_ce", "vit_kd", "vit_taught", "cnn_ce", "cnn_kd", "cnn_taught", "pair_ce")}
     assert all(h.keys() == keys for h in log), log  # no val_bad_images: every image was read
     assert log[0]["val_images"] == 100 and log[0]["world_size"] == 1 and log[0]["bad_images"] == 0
     # stages 0.25,0.75 of 24 steps, ramp 0.1: each record has its epoch's last step's stage and pair weight
@@ -1009,7 +1009,7 @@ def test_each_model_class_works_copied_alone_with_only_torch_imported(name):
 
 def test_the_pair_loss_and_schedule_work_copied_alone_with_only_torch_imported():
     namespace = {"math": math, "torch": torch, "nn": nn, "F": F}
-    for part in ("kd_loss", "PairLoss", "PairSchedule"):
+    for part in ("kd_loss", "teacher_is_better", "PairLoss", "PairSchedule"):
         exec(inspect.getsource(getattr(vpl, part)), namespace)
     out = {k: torch.randn(4, 10) for k in ("vit", "cnn", "pair")}
     target = torch.randint(10, (4,))
@@ -1062,15 +1062,25 @@ def test_forward_is_features_then_head_as_timms():
 
 
 # ------------------------------------------------------------------------------- pair learning
-def kd_by_hand(student, teacher, T):
-    """T^2 * mean over samples of sum_k p_t log(p_t / p_s), with plain Python floats."""
+def softmax_by_hand(row, T=1.0):
+    z = sum(math.exp(v / T) for v in row)
+    return [math.exp(v / T) / z for v in row]
+
+
+def kd_by_hand(student, teacher, T, weights=None):
+    """T^2 * mean over samples of weight * sum_k p_t log(p_t / p_s), with plain Python floats."""
     total = 0.0
-    for s_row, t_row in zip(student, teacher):
-        zs, zt = sum(math.exp(v / T) for v in s_row), sum(math.exp(v / T) for v in t_row)
-        for s, t in zip(s_row, t_row):
-            p_s, p_t = math.exp(s / T) / zs, math.exp(t / T) / zt
-            total += p_t * math.log(p_t / p_s)
+    for i, (s_row, t_row) in enumerate(zip(student, teacher)):
+        kl = sum(p_t * math.log(p_t / p_s)
+                 for p_s, p_t in zip(softmax_by_hand(s_row, T), softmax_by_hand(t_row, T)))
+        total += kl * (1.0 if weights is None else weights[i])
     return T * T * total / len(student)
+
+
+def better_by_hand(student, teacher, target):
+    """1.0 for each sample where the teacher's softmax gives the target more mass than the student's."""
+    mass = lambda row, y: sum(p * q for p, q in zip(softmax_by_hand(row), y))  # noqa: E731
+    return [float(mass(t, y) > mass(s, y)) for s, t, y in zip(student, teacher, target)]
 
 
 @pytest.mark.parametrize("T", [1.0, 2.0])
@@ -1079,6 +1089,21 @@ def test_kd_loss_matches_hand_computation(T):
     got = vpl.kd_loss(torch.tensor(student), torch.tensor(teacher), T).item()
     assert got == pytest.approx(kd_by_hand(student, teacher, T), rel=1e-5)
     assert vpl.kd_loss(torch.tensor(student), torch.tensor(student), T).item() == pytest.approx(0.0, abs=1e-7)
+    weighted = vpl.kd_loss(torch.tensor(student), torch.tensor(teacher), T, torch.tensor([0.0, 1.0])).item()
+    assert weighted == pytest.approx(kd_by_hand(student, teacher, T, [0.0, 1.0]), rel=1e-5)
+
+
+def test_a_teacher_is_better_where_it_gives_the_label_more_probability_for_hard_and_mixed_labels():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(64, 5), torch.randn(64, 5)
+    hard = torch.randint(5, (64,))
+    mixed = 0.7 * F.one_hot(hard, 5) + 0.3 * F.one_hot(torch.randint(5, (64,)), 5)  # as MixUp makes
+    for target in (hard, mixed):
+        dense = F.one_hot(target, 5).tolist() if target.ndim == 1 else target.tolist()
+        got = vpl.teacher_is_better(student, teacher, target)
+        assert got.tolist() == better_by_hand(student.tolist(), teacher.tolist(), dense)
+        assert 0 < got.sum() < 64  # random logits: either branch wins somewhere
+    assert vpl.teacher_is_better(student, student, hard).sum() == 0  # a tie teaches nothing
 
 
 def tiny_pair(drop_path=0.0):
@@ -1118,7 +1143,7 @@ def test_teacher_gets_no_gradient():
 def test_one_backward_gives_each_branch_the_gradient_of_its_own_loss(teacher):
     pair, a = tiny_pair(), 0.5
     out = pair(torch.randn(8, 3, 32, 32))
-    total, t = vpl.PairLoss(2.0, teacher, 0.1)(out, torch.randint(10, (8,)), a)
+    total, t = vpl.PairLoss(2.0, teacher, 0.1, teach="always")(out, torch.randint(10, (8,)), a)
     own = {"vit": (1 - a) * t["vit_ce"] + a * t["vit_kd"], "cnn": (1 - a) * t["cnn_ce"] + a * t["cnn_kd"]}
     for branch in ("vit", "cnn"):
         params = list(getattr(pair, branch).parameters())
@@ -1127,17 +1152,29 @@ def test_one_backward_gives_each_branch_the_gradient_of_its_own_loss(teacher):
 
 
 @pytest.mark.parametrize("teacher", ["partner", "pair"])
-def test_pair_loss_terms_and_total_match_hand_computation(teacher):
+@pytest.mark.parametrize("teach", ["better", "always"])
+def test_pair_loss_terms_and_total_match_hand_computation(teacher, teach):
     torch.manual_seed(0)
-    out = {k: torch.randn(4, 10) for k in ("vit", "cnn", "pair")}
-    target, a, T = torch.randint(10, (4,)), 0.3, 2.0
-    total, terms = vpl.PairLoss(T, teacher, 0.1)(out, target, a)
-    teach = {"vit": "cnn", "cnn": "vit"} if teacher == "partner" else {"vit": "pair", "cnn": "pair"}
-    kd = {b: kd_by_hand(out[b].tolist(), out[teach[b]].tolist(), T) for b in ("vit", "cnn")}
-    ce = {b: F.cross_entropy(out[b], target, label_smoothing=0.1).item() for b in ("vit", "cnn", "pair")}
+    out = {k: torch.randn(16, 10) for k in ("vit", "cnn", "pair")}
+    target, a, T = torch.randint(10, (16,)), 0.3, 2.0
+    total, terms = vpl.PairLoss(T, teacher, 0.1, teach)(out, target, a)
+    by = {"vit": "cnn", "cnn": "vit"} if teacher == "partner" else {"vit": "pair", "cnn": "pair"}
+    onehot = F.one_hot(target, 10).tolist()
+    taught = {b: better_by_hand(out[b].tolist(), out[by[b]].tolist(), onehot) if teach == "better" else [1.0] * 16
+              for b in ("vit", "cnn")}
+    kd = {b: kd_by_hand(out[b].tolist(), out[by[b]].tolist(), T, taught[b]) for b in ("vit", "cnn")}
+    ce = {b: F.cross_entropy(out[b], target, label_smoothing=0.1, reduction="none").tolist()
+          for b in ("vit", "cnn", "pair")}
     for b in ("vit", "cnn"):
         assert terms[f"{b}_kd"].item() == pytest.approx(kd[b], rel=1e-5)
-    by_hand = sum((1 - a) * ce[b] + a * kd[b] for b in ("vit", "cnn")) + ce["pair"]
+        assert terms[f"{b}_ce"].item() == pytest.approx(sum(ce[b]) / 16, rel=1e-5)
+        assert terms[f"{b}_taught"].item() == pytest.approx(sum(taught[b]) / 16)
+    assert teach == "always" or 0 < sum(taught["vit"]) < 16  # the gate both keeps and drops samples
+    # per sample: (1 - a g) CE + a g KD, g the gate; a sample not taught learns from its label alone
+    by_hand = sum((1 - a * g) * c + a * g * kd_by_hand([s], [t], T)
+                  for b in ("vit", "cnn")
+                  for g, c, s, t in zip(taught[b], ce[b], out[b].tolist(), out[by[b]].tolist())) / 16
+    by_hand += sum(ce["pair"]) / 16
     assert total.item() == pytest.approx(by_hand, rel=1e-5)
 
 
@@ -1252,7 +1289,7 @@ def test_the_pair_overfits_one_batch():
     for _ in range(60):
         terms = pair_backward(pair, images, labels, 0.2)
         vpl.optimizer_step(optimizers, scaler, 0.0)
-    assert all(value < 0.02 for value in terms.values()), terms
+    assert all(value < 0.02 for name, value in terms.items() if not name.endswith("taught")), terms
     with torch.no_grad():
         out = pair.eval()(images)
     for name in ("vit", "cnn", "pair"):
@@ -1320,7 +1357,8 @@ def test_every_parameter_gets_a_gradient_in_every_stage(progress):
 
 @pytest.mark.parametrize("option,make", [
     ("--pair-weight", lambda: vpl.PairSchedule(pair_weight=1.5)), ("--pair-temp", lambda: vpl.PairLoss(temperature=0.0)),
-    ("--teacher", lambda: vpl.PairLoss(teacher="nobody")), ("--stages", lambda: vpl.PairSchedule("0.9,0.1")),
+    ("--teacher", lambda: vpl.PairLoss(teacher="nobody")), ("--teach", lambda: vpl.PairLoss(teach="sometimes")),
+    ("--stages", lambda: vpl.PairSchedule("0.9,0.1")),
     ("--stages", lambda: vpl.PairSchedule("half")), ("--ramp", lambda: vpl.PairSchedule(ramp=-0.1))])
 def test_invalid_pair_options_raise_value_error_naming_the_option(option, make):
     with pytest.raises(ValueError, match=option):

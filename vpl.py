@@ -10,19 +10,8 @@ training loop (`train_epoch`) and the job around it (`run`).
     torchrun --nproc_per_node=8 vpl.py --data /imagenet    # the real job: ViT-B/16 + ResNet-50
     python vpl.py --bench --preset imagenet                # training throughput against torchvision
 """
-import argparse
-import atexit
-import contextlib
-import copy
-import datetime
-import json
-import math
-import multiprocessing
-import os
-import signal
-import statistics
-import sys
-import time
+import argparse, atexit, contextlib, copy, datetime, json, math, multiprocessing, os  # noqa: E401
+import signal, statistics, sys, time  # noqa: E401
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -32,17 +21,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
-
 # ---------------------------------------------------------------------------------------- config
 def option(default, help, choices=None):
     """A Config field that becomes a command-line flag with this help text."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
-
 @dataclass
 class Config:
     """Every knob of a run: the defaults are the CPU demo; PRESETS override them; flags both."""
-
     preset: str = option("", "demo or imagenet (default: imagenet when --data is a folder)",
                          ["", "demo", "imagenet"])
     # data
@@ -82,6 +68,8 @@ class Config:
     pair_weight: float = option(0.2, "a: weight of the partner loss in stage 2, in [0, 1]")
     pair_temp: float = option(1.0, "T: distillation temperature, > 0")
     teacher: str = option("partner", "who teaches each branch", ["partner", "pair"])
+    teach: str = option("always", "which samples a teacher teaches: all, or those on which it "
+                        "gives the label more probability than its student", ["always", "better"])
     stages: str = option("0.1,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
     ramp: float = option(0.05, "fraction of training over which a rises at the start of stage 2")
     # system
@@ -97,7 +85,6 @@ class Config:
     bench: bool = option(False, "measure training throughput on synthetic batches and exit")
     log_every: int = option(50, "optimizer steps between progress lines (host syncs)")
     max_steps: int = option(0, "stop and save after this many optimizer steps (0: no limit)")
-
 
 PRESETS = {
     "demo": {},
@@ -117,38 +104,33 @@ BOUNDS = {"epochs": (1, INF), "batch_size": (1, INF), "accum_steps": (1, INF), "
           "ramp": (0, 1), "label_smoothing": (0, 0.999), "drop_path": (0, 0.999),
           "ema": (0, 0.999999), "pair_temp": (0.01, 100)}
 
-
 class UserError(Exception):
     """Bad input: main() prints it as one line and exits with code 2, without a traceback."""
 
-
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors: one line, without the usage text."""
-    def error(self, message):
+    def error(self, message):  # one line, without the usage text
         raise UserError(message)
-
 
 def parse_config(argv=None):
     """Flags from Config's fields; the preset fills in what the command line leaves out."""
     parser = OneLineParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                            argument_default=argparse.SUPPRESS)
     for f in fields(Config):
-        name, meta = "--" + f.name.replace("_", "-"), f.metadata
+        name, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
         if isinstance(f.default, bool):
-            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=meta["help"])
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
             continue
-        preset = PRESETS["imagenet"].get(f.name, f.default)
-        imagenet = f", imagenet {preset!r}" if preset != f.default else ""
-        default = f" (default {f.default!r}{imagenet})"
-        parser.add_argument(name, type=type(f.default), choices=meta["choices"],
-                            help=meta["help"] + (default if f.default != "" else ""))
+        if f.default != "":
+            imagenet = PRESETS["imagenet"].get(f.name, f.default)
+            help += f" (default {f.default!r}" + (f", imagenet {imagenet!r})"
+                                                  if imagenet != f.default else ")")
+        parser.add_argument(name, type=type(f.default), choices=f.metadata["choices"], help=help)
     given = vars(parser.parse_args(argv))
     preset = given.get("preset") or ("demo" if given.get("data", "demo") == "demo" else "imagenet")
     cfg = Config(**{**PRESETS[preset], **given, "preset": preset})
     cfg.out = cfg.out or os.path.join("runs", preset)
     check_config(cfg)
     return cfg
-
 
 def check_config(cfg):
     """Raises a UserError naming the first flag whose value makes no sense."""
@@ -163,17 +145,13 @@ def check_config(cfg):
         raise UserError(f"--img-size {cfg.img_size} must be a multiple of the ViT's patch size "
                         f"({patch})")
     try:
-        PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp)  # built here only to check the flags
-        PairLoss(cfg.pair_temp, cfg.teacher)
+        PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp)  # built here only to check --stages
     except ValueError as e:
         raise UserError(str(e)) from None
-
-
 # -------------------------------------------------------------------------------------- ViT-B/16
 # "An Image is Worth 16x16 Words", arXiv 2010.11929; recipe and parameter names of DeiT (2012.12877)
 class DropPath(nn.Module):
     """Stochastic depth (arXiv 1603.09382): in training, drops a residual branch per sample."""
-
     def __init__(self, p=0.0):
         super().__init__()
         self.p = p
@@ -184,10 +162,8 @@ class DropPath(nn.Module):
         keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - self.p)
         return x * keep / (1.0 - self.p)  # rescaled: the expected output is unchanged
 
-
 class Attention(nn.Module):
     """Multi-head self-attention: one fused qkv projection and PyTorch's fused SDPA kernel."""
-
     def __init__(self, dim, heads):
         super().__init__()
         self.heads = heads
@@ -201,10 +177,8 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v; DeiT: no dropout
         return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, heads, N, d) -> (B, N, C)
 
-
 class Mlp(nn.Module):
     """The block's feed-forward part: Linear, GELU, Linear."""
-
     def __init__(self, dim, hidden):
         super().__init__()
         self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
@@ -212,10 +186,8 @@ class Mlp(nn.Module):
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
 
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
-
     def __init__(self, dim, heads, mlp_ratio=4.0, drop_path=0.0):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads)
@@ -226,17 +198,14 @@ class Block(nn.Module):
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-
 class PatchEmbed(nn.Module):
     """Cuts the image into patches and projects each to a token: one strided convolution."""
-
     def __init__(self, patch_size, dim):
         super().__init__()
         self.proj = nn.Conv2d(3, dim, patch_size, stride=patch_size)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, 3, H, W) -> (B, C, g, g) -> (B, N, C)
-
 
 def resize_pos_embed(pos_embed, grid):
     """Bicubic resize of a (1, 1 + g*g, C) position embedding to grid x grid; the cls slot is kept.
@@ -248,11 +217,9 @@ def resize_pos_embed(pos_embed, grid):
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)  # back to (1, N, C)
     return torch.cat([cls, patches.to(cls.dtype)], dim=1)
 
-
 class ViT(nn.Module):
     """Vision Transformer: cls token, learned position embedding, pre-norm blocks. Parameter names
     and forward_features/forward_head follow timm, so DeiT/timm weights load with strict=True."""
-
     def __init__(self, img_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_ratio=4.0,
                  drop_path=0.0, num_classes=1000):
         super().__init__()
@@ -283,16 +250,13 @@ class ViT(nn.Module):
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
-
 def vit_b_16(num_classes=1000, img_size=224, drop_path=0.1):
     """ViT-B/16 (DeiT-B): 86,567,656 parameters with 1000 classes at 224 px."""
     return ViT(img_size, 16, 768, 12, 12, 4.0, drop_path, num_classes)
 
-
 def vit_tiny(num_classes=10, img_size=32, drop_path=0.1):
     """A 4-block, 128-wide ViT with 4 px patches: for 32 px images on the CPU."""
     return ViT(img_size, 4, 128, 4, 4, 2.0, drop_path, num_classes)
-
 
 # torchvision's vit_b_16 names -> timm/DeiT's (this file's), applied in order to each key
 VIT_TORCHVISION_NAMES = [
@@ -303,33 +267,27 @@ VIT_TORCHVISION_NAMES = [
     ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2"),
     ("mlp.linear_1", "mlp.fc1"), ("mlp.linear_2", "mlp.fc2")]  # older names torchvision still reads
 
-
 def rename_keys(state_dict, renames):
     """The state dict with each (old, new) substring replaced in every key, in order."""
     for old, new in renames:
         state_dict = {key.replace(old, new): value for key, value in state_dict.items()}
     return state_dict
 
-
 def vit_from_torchvision(state_dict):
     """A torchvision vit_b_16 state dict under this file's (timm/DeiT) names."""
     return rename_keys(state_dict, VIT_TORCHVISION_NAMES)
 
-
 def vit_to_torchvision(state_dict):
     """This file's ViT state dict (vit.pt) under torchvision's vit_b_16 names."""
     return rename_keys(state_dict, [(new, old) for old, new in VIT_TORCHVISION_NAMES[:-2]])
-
 
 # ------------------------------------------------------------------------------------- ResNet-50
 # "Deep Residual Learning", arXiv 1512.03385; v1.5 and names as torchvision's, so its weights load
 def conv3x3(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
 
-
 def conv1x1(cin, cout, stride=1):
     return nn.Conv2d(cin, cout, 1, stride, bias=False)
-
 
 class Bottleneck(nn.Module):
     """1x1 reduce, 3x3, 1x1 expand, plus the shortcut. v1.5: the stride sits on the 3x3 conv,
@@ -352,11 +310,9 @@ class Bottleneck(nn.Module):
         out += identity  # in place, as torchvision's: backward needs BatchNorm's input, not output
         return self.relu(out)
 
-
 class ResNet(nn.Module):
     """ResNet of Bottleneck blocks, with timm's forward_features/forward_head. `small_stem`
     swaps the 7x7/2 conv and max-pool for one 3x3/1 conv (32 px); `width`: stem channels (64)."""
-
     def __init__(self, layers=(3, 4, 6, 3), num_classes=1000, width=64, small_stem=False):
         super().__init__()
         self.conv1 = conv3x3(3, width) if small_stem else nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -396,16 +352,13 @@ class ResNet(nn.Module):
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
-
 def resnet50(num_classes=1000):
     """ResNet-50 v1.5: 25,557,032 parameters with 1000 classes."""
     return ResNet((3, 4, 6, 3), num_classes)
 
-
 def resnet_tiny(num_classes=10):
     """A narrow ResNet of the same Bottleneck, one block per stage, 3x3 stem: 32 px on the CPU."""
     return ResNet((1, 1, 1, 1), num_classes, width=8, small_stem=True)
-
 
 def build_branch(name, num_classes, img_size, drop_path):
     """One branch by its --vit/--cnn name; only a ViT takes the image size and drop-path rate."""
@@ -414,13 +367,11 @@ def build_branch(name, num_classes, img_size, drop_path):
         return make(num_classes, img_size=img_size, drop_path=drop_path)
     return {"resnet50": resnet50, "resnet_tiny": resnet_tiny}[name](num_classes)
 
-
 # --------------------------------------------------------------------------------- pair learning
 # The pair learning module (PLM): a pair head, the partner losses and the three-stage schedule.
 class PairHead(nn.Module):
     """The pair's own prediction: LayerNorm on each branch's feature, concatenate, one Linear.
     Its input is detached: it learns to combine the branches and never pulls on them."""
-
     def __init__(self, dim_a, dim_b, num_classes):
         super().__init__()
         self.norm_a, self.norm_b = nn.LayerNorm(dim_a), nn.LayerNorm(dim_b)
@@ -430,11 +381,9 @@ class PairHead(nn.Module):
         feats = [self.norm_a(feat_a.detach()), self.norm_b(feat_b.detach())]
         return self.fc(torch.cat(feats, dim=1))
 
-
 class PairModel(nn.Module):
     """Both branches and the pair head as one module, so that one DDP and one torch.compile cover
     all. Any two timm-style models (forward_features, forward_head, num_features) can pair."""
-
     def __init__(self, vit, cnn, num_classes):
         super().__init__()
         self.vit, self.cnn = vit, cnn
@@ -447,49 +396,66 @@ class PairModel(nn.Module):
         return {"vit": self.vit.forward_head(f_vit), "cnn": self.cnn.forward_head(f_cnn),
                 "pair": self.pair_head(*pooled)}
 
-
-def kd_loss(student, teacher, temperature=1.0):
+def kd_loss(student, teacher, temperature=1.0, weight=None):
     """Distillation (arXiv 1503.02531): T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes,
-    averaged over the batch ('batchmean'; 'mean' would also divide by the classes); in fp32."""
+    averaged over the batch ('batchmean'), each sample times its `weight` if given; in fp32."""
     log_p_student = F.log_softmax(student.float() / temperature, dim=-1)
     log_p_teacher = F.log_softmax(teacher.detach().float() / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * temperature ** 2  # keeps the gradient's scale independent of T
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
+    kl = kl if weight is None else kl * weight
+    return kl.mean() * temperature ** 2  # T^2 keeps the gradient's scale independent of T
 
+def teacher_is_better(student, teacher, target):
+    """Per sample, 1.0 where the teacher gives the label more probability than the student does:
+    where it has something to teach. `target`: class indices, or probabilities after MixUp."""
+    if target.ndim == 1:
+        target = F.one_hot(target, student.shape[-1])
+    p_student, p_teacher = (z.detach().float().softmax(-1) for z in (student, teacher))
+    return ((p_teacher * target).sum(-1) > (p_student * target).sum(-1)).float()
 
 class PairLoss(nn.Module):
-    """Per branch (1 - a) * CE(labels) + a * KD(teacher), plus the pair head's own CE.
+    """Per branch and sample (1 - a g) * CE(label) + a g * KD(teacher), plus the pair head's CE.
     teacher='partner': each branch is taught by the other (deep mutual learning, arXiv 1706.00384);
-    teacher='pair': the pair head teaches both. Returns the total and a dict of every term."""
-
-    def __init__(self, temperature=1.0, teacher="partner", label_smoothing=0.0):
+    'pair': the pair head teaches both. g = 1 where the teacher beats its student on the label
+    (teach='better': direction-aware), or everywhere ('always'). Returns the total and the terms."""
+    def __init__(self, temperature=1.0, teacher="partner", label_smoothing=0.0, teach="always"):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"--pair-temp must be > 0, got {temperature}")
         if teacher not in ("partner", "pair"):
             raise ValueError(f"--teacher must be 'partner' or 'pair', got {teacher!r}")
+        if teach not in ("always", "better"):
+            raise ValueError(f"--teach must be 'always' or 'better', got {teach!r}")
         self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
+        self.teach = teach
 
     def forward(self, out, target, a):
-        def ce(logits):  # target: class indices, or probabilities after MixUp/CutMix
-            return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        def ce(logits):  # per sample; target: class indices, or probabilities after MixUp/CutMix
+            return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing,
+                                   reduction="none")
 
         partner = self.teacher == "partner"
-        vit_teacher, cnn_teacher = (out["cnn"], out["vit"]) if partner else (out["pair"],) * 2
-        T = self.temperature
-        terms = {"vit_ce": ce(out["vit"]), "vit_kd": kd_loss(out["vit"], vit_teacher, T),
-                 "cnn_ce": ce(out["cnn"]), "cnn_kd": kd_loss(out["cnn"], cnn_teacher, T),
-                 "pair_ce": ce(out["pair"])}
-        # at a = 0 the partner terms are left out, not multiplied by 0: a NaN branch stays alone
-        kd = a * (terms["vit_kd"] + terms["cnn_kd"]) if a > 0 else 0.0
-        return (1 - a) * (terms["vit_ce"] + terms["cnn_ce"]) + kd + terms["pair_ce"], terms
-
+        teachers = {"vit": out["cnn"] if partner else out["pair"],
+                    "cnn": out["vit"] if partner else out["pair"]}
+        pair_ce = ce(out["pair"]).mean()
+        terms, total = {}, pair_ce
+        for b, teacher in teachers.items():  # b: the branch taught
+            labels = ce(out[b])
+            taught = teacher_is_better(out[b], teacher, target) if self.teach == "better" else \
+                torch.ones_like(labels)
+            terms[f"{b}_ce"] = labels.mean()
+            terms[f"{b}_kd"] = kd_loss(out[b], teacher, self.temperature, taught)
+            terms[f"{b}_taught"] = taught.mean()  # the fraction of the batch taught
+            total = total + terms[f"{b}_ce"]
+            if a > 0:  # left out at a = 0, not multiplied by 0: a NaN branch stays alone
+                total = total + a * (terms[f"{b}_kd"] - (taught * labels).mean())
+        terms["pair_ce"] = pair_ce
+        return total, terms
 
 class PairSchedule:
     """The three stages as fractions of training, 'S1,S2': 1 warm-up [0, S1), 2 pair [S1, S2),
     3 solo [S2, 1]. Called with the progress in [0, 1], gives (stage, a): a is 0 outside stage 2
     and rises linearly from 0 at S1 to `pair_weight` at S1 + ramp."""
-
     def __init__(self, stages="0.1,0.8", pair_weight=0.2, ramp=0.05):
         try:
             self.s1, self.s2 = (float(s) for s in stages.split(","))
@@ -509,10 +475,8 @@ class PairSchedule:
         rise = min(1.0, (progress - self.s1) / self.ramp) if self.ramp > 0 else 1.0
         return 2, self.pair_weight * rise
 
-
 # ------------------------------------------------------------------------------------------ data
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet's, for every dataset
-
 
 def make_demo(n, seed, img_size=32, classes=10):
     """The built-in data set: class k is a random 5x5 glyph, drawn at a random place, angle, scale
@@ -541,12 +505,10 @@ def make_demo(n, seed, img_size=32, classes=10):
     image = image + 0.05 * torch.randn(image.shape, generator=g)
     return (image.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
-
 class Augmented(Dataset):
     """Item (draw, i) is base[i] transformed with an RNG seeded from (seed, draw, i): augmentation
     depends on neither the workers nor where a run resumed. An unreadable image is named in a
     warning and replaced by the next readable one; the third output flags it."""
-
     def __init__(self, base, transform, seed):
         self.base, self.transform, self.seed = base, transform, seed
 
@@ -574,12 +536,10 @@ class Augmented(Dataset):
             torch.manual_seed(((self.seed * 1_000_003 + draw) * 100_000_007 + index) % 2 ** 63)
             return self.transform(image)
 
-
 class EpochSampler(Sampler):
     """This rank's share of a shuffled epoch as (draw, index) keys for Augmented: whole shares
     only, from `start` on (a resumed epoch). With repeats N (repeated augmentation, arXiv
     1901.09335) an epoch takes 1/N of the images, N neighbouring copies of each, each drawn anew."""
-
     def __init__(self, size, world, rank, seed, repeats=1):
         self.size, self.world, self.rank, self.seed, self.repeats = size, world, rank, seed, repeats
         self.num_samples, self.epoch, self.start = size // world, 0, 0
@@ -597,7 +557,6 @@ class EpochSampler(Sampler):
 
     def __len__(self):
         return self.num_samples - self.start
-
 
 def build_transforms(cfg, from_files):
     """Train and val transforms: ImageNet's (RandomResizedCrop; resize and center crop) for image
@@ -621,7 +580,6 @@ def build_transforms(cfg, from_files):
     erase = [v2.RandomErasing(cfg.reprob, value="random")] if cfg.reprob else []  # noise, as DeiT
     return v2.Compose(train + tensor + erase), v2.Compose(val + tensor)
 
-
 def image_folders(root):
     """The train and val ImageFolders of an ImageNet-style root; their problems as one line."""
     import torchvision
@@ -642,7 +600,6 @@ def image_folders(root):
         raise UserError(f"--data {root}: the class folders of train and val differ")
     return splits
 
-
 def build_datasets(cfg):
     """(train, val, number of classes), as Augmented datasets: the demo or an ImageFolder root."""
     if cfg.data == "demo":
@@ -655,20 +612,17 @@ def build_datasets(cfg):
     train_tf, val_tf = build_transforms(cfg, from_files=cfg.data != "demo")
     return Augmented(train, train_tf, cfg.seed), Augmented(val, val_tf, cfg.seed), classes
 
-
 def ignore_stop_signals(_worker_id):
     """In a data worker: Ctrl-C and a scheduler's SIGTERM (sent to the whole process group) are the
     main process's to answer; it finishes its step, saves, and ends the workers."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
-
 def end_data_workers():
     """At exit: ends the data workers, which ignore the SIGTERM of multiprocessing's exit hook."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # DataLoader's handler would call it a failure
     for child in multiprocessing.active_children():
         child.kill()
-
 
 def build_loaders(cfg, train_set, val_set, rank, world, cuda):
     """This rank's train loader (a shuffled shard, whole batches) and val loader (every world-th
@@ -686,14 +640,12 @@ def build_loaders(cfg, train_set, val_set, rank, world, cuda):
                      generator=torch.Generator().manual_seed(cfg.seed), **common)
     return train, val
 
-
 def build_mix(cfg, num_classes):
     """Batch-level MixUp or CutMix (one of them at random per batch), or None."""
     from torchvision.transforms import v2
     mixes = ([v2.MixUp(alpha=cfg.mixup, num_classes=num_classes)] if cfg.mixup else []) + \
             ([v2.CutMix(alpha=cfg.cutmix, num_classes=num_classes)] if cfg.cutmix else [])
     return v2.RandomChoice(mixes) if mixes else None
-
 
 # ----------------------------------------------------------------------------------- distributed
 def setup_distributed(device):
@@ -712,13 +664,11 @@ def setup_distributed(device):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return rank, world, torch.device(device)
 
-
 def all_sum(tensor, world):
     """Sums a tensor over all ranks, in place."""
     if world > 1:
         dist.all_reduce(tensor)
     return tensor
-
 
 def choose_precision(cfg, device):
     """(autocast dtype or None, whether to compile): bf16 and compile on CUDA by default."""
@@ -730,7 +680,6 @@ def choose_precision(cfg, device):
         amp = "fp16"
     compile_ = cfg.compile == "on" or (cfg.compile == "auto" and cuda)
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp], compile_
-
 
 # ------------------------------------------------------------------------- weights and checkpoints
 def load_checkpoint(path):
@@ -745,7 +694,6 @@ def load_checkpoint(path):
     if not isinstance(state, dict):
         raise UserError(f"{path}: holds a {type(state).__name__}, not a dict of weights")
     return state
-
 
 def load_branch_weights(model, state_dict):
     """Loads timm/DeiT or torchvision weights (or vpl's vit.pt, cnn.pt) into a branch. A classifier
@@ -771,7 +719,6 @@ def load_branch_weights(model, state_dict):
         raise UserError(f"weights do not fit the branch: missing {missing[:2]}, unexpected "
                         f"{unexpected[:2]}")
 
-
 def load_initial_weights(cfg, pair):
     """Starts the branches from torchvision's ImageNet weights (--init) or from files (--init-vit,
     --init-cnn): a branch's weights, or a vpl last.pt, whose pair gives the branch of that side."""
@@ -788,7 +735,6 @@ def load_initial_weights(cfg, pair):
                 load_branch_weights(getattr(pair, side), state)
             except (UserError, KeyError) as e:
                 raise UserError(f"--init-{side} {path}: {e}") from None
-
 
 def save_atomic(obj, path):
     """Writes to a temp file, fsyncs and renames: a kill at any moment leaves the old file whole,
@@ -808,11 +754,9 @@ def save_atomic(obj, path):
         raise UserError(f"cannot write {path} ({error.strerror or error}); the previous one is "
                         "left as it was") from None
 
-
 def cpu_state(module):
     """A module's state dict on the CPU, contiguous (safetensors refuses channels_last)."""
     return {k: v.cpu().contiguous() for k, v in module.state_dict().items()}
-
 
 # ----------------------------------------------------------------------- training and evaluation
 def param_groups(module, weight_decay):
@@ -822,7 +766,6 @@ def param_groups(module, weight_decay):
         (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
-
 
 def build_optimizer(arch, module, cfg, global_batch, cuda):
     """(optimizer, peak lr, final lr): AdamW for a ViT (DeiT's lr rule: per 512 images), SGD with
@@ -836,14 +779,12 @@ def build_optimizer(arch, module, cfg, global_batch, cuda):
     sgd = torch.optim.SGD(param_groups(module, cfg.wd_cnn), lr=peak, momentum=0.9, **fused)
     return sgd, peak, 0.0
 
-
 def build_optimizers(cfg, pair, global_batch, cuda):
     """[(optimizer, peak lr, final lr)] of the ViT, the pair head (the ViT's kind) and the CNN: each
     part clips on its own, so that at a = 0 the branches train exactly as they would alone."""
     return [build_optimizer(cfg.vit, pair.vit, cfg, global_batch, cuda),
             build_optimizer(cfg.vit, pair.pair_head, cfg, global_batch, cuda),
             build_optimizer(cfg.cnn, pair.cnn, cfg, global_batch, cuda)]
-
 
 def lr_at(step, total, warmup, peak, final):
     """Linear warm-up over `warmup` steps, then cosine from peak to final; a function of step."""
@@ -852,11 +793,9 @@ def lr_at(step, total, warmup, peak, final):
     progress = (step - warmup) / max(1, total - warmup)
     return final + (peak - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-
 def autocast(device, amp_dtype):
     """Autocast to amp_dtype (bf16 or fp16) on this device; fp32 when it is None."""
     return torch.autocast(device.type, amp_dtype, enabled=amp_dtype is not None)
-
 
 def optimizer_step(optimizers, scaler, clip_grad):
     """AMP's recipe for several optimizers: unscale and clip each part's gradient, step each,
@@ -870,7 +809,6 @@ def optimizer_step(optimizers, scaler, clip_grad):
         optimizer.zero_grad(set_to_none=True)
     scaler.update()
 
-
 @torch.no_grad()
 def ema_update(ema_tensors, model_tensors, decay):
     """One EMA step over matching lists of state tensors: floating ones (weights and BatchNorm
@@ -881,7 +819,6 @@ def ema_update(ema_tensors, model_tensors, decay):
     for e, m in zip(ema_tensors, model_tensors):
         if not e.is_floating_point():
             e.copy_(m)
-
 
 @dataclass
 class Job:
@@ -913,7 +850,6 @@ class Job:
     @property
     def steps_per_epoch(self):  # whole optimizer steps of whole batches
         return self.train_loader.sampler.num_samples // self.cfg.batch_size // self.cfg.accum_steps
-
 
 def train_epoch(job, epoch):
     """Trains the pair through `epoch`, from job.step on (a resumed epoch starts inside). Returns
@@ -952,11 +888,11 @@ def train_epoch(job, epoch):
                 return meter.stats, stop
     return meter.stats, None
 
-
 class Meter:
     """An epoch's loss terms, summed on the device and read only at log points: one all-reduce of
     [sums, unreadable images, stop request], one .tolist(). Prints the progress line."""
-    names = ("total", "vit_ce", "vit_kd", "cnn_ce", "cnn_kd", "pair_ce")
+    names = ("total", "vit_ce", "vit_kd", "vit_taught", "cnn_ce", "cnn_kd", "cnn_taught",
+             "pair_ce")
 
     def __init__(self, job, epoch):
         self.job, self.epoch, self.first_step, self.t0 = job, epoch, job.step, time.perf_counter()
@@ -1004,7 +940,6 @@ class Meter:
             return "error"
         return "signal" if stop else None
 
-
 @torch.no_grad()
 def evaluate(model, loader, device, amp_dtype, world):
     """Top-1/top-5 (%) of the ViT, the CNN, the pair head and the ensemble (mean of the branches'
@@ -1037,7 +972,6 @@ def evaluate(model, loader, device, amp_dtype, world):
         result[f"val_{name}_top1"], result[f"val_{name}_top5"] = (100 * hits[i] / count).tolist()
     return result
 
-
 def evaluate_pair(job):
     """evaluate() of the plain pair, and of its EMA (keys 'ema_val_...') if there is one."""
     result = evaluate(job.pair, job.val_loader, job.device, job.amp_dtype, job.world)
@@ -1046,13 +980,11 @@ def evaluate_pair(job):
         result.update({f"ema_{k}": v for k, v in ema.items()})
     return result
 
-
 # ------------------------------------------------------------------------------------ checkpoints
 # What a checkpoint must share with a run that loads it: the weights' shapes; to train on, also
 # the data order and the steps that the resumed run continues.
 SAME_WEIGHTS = ("vit", "cnn", "img_size", "classes")
 SAME_ORDER = ("seed", "repeat_aug", "train_images", "global_batch", "world")
-
 
 def save_checkpoint(job, path, best):
     """Every part's state, the run's setup and every rank's RNG state, written atomically by rank 0
@@ -1069,7 +1001,6 @@ def save_checkpoint(job, path, best):
     if job.world > 1:
         dist.barrier()  # nobody runs ahead, or exits, while rank 0 writes
 
-
 def parts_to_save(job):
     """The parts of the job that last.pt holds, by name."""
     optimizers = (optimizer for optimizer, _, _ in job.optimizers)
@@ -1077,7 +1008,6 @@ def parts_to_save(job):
             **({"ema": job.ema} if job.ema is not None else {}),
 
             **dict(zip(("opt_vit", "opt_pair", "opt_cnn"), optimizers))}
-
 
 def load_state(job, path, resume):
     """Resumes from `path` if `resume` (the weights; to train on, also the optimizers and this
@@ -1104,7 +1034,6 @@ def load_state(job, path, resume):
             torch.cuda.set_rng_state(ckpt["rng"][job.rank]["cuda"])
     return ckpt
 
-
 def finish_epoch(job, epoch, stats, best):
     """Evaluates the epoch, logs it (stdout, log.jsonl) and exports each branch at its best."""
     result = evaluate_pair(job)
@@ -1129,7 +1058,6 @@ def finish_epoch(job, epoch, stats, best):
             raise UserError(f"cannot write {job.cfg.out}/log.jsonl ({e.strerror or e})") from None
     return record
 
-
 def read_history(out, epochs):
     """The records of log.jsonl's first `epochs` epochs, rewritten without the later ones (those a
     killed run logged after its last checkpoint) and without a line torn by the kill."""
@@ -1142,7 +1070,6 @@ def read_history(out, epochs):
         f.writelines(json.dumps(record) + "\n" for record in history)
     os.replace(path + ".tmp", path)
     return history
-
 
 def text_chart(history, stage_bounds, epochs, height=10):
     """A text chart of both branches' val top-1 per epoch ('v' ViT, 'c' CNN, '*' both), stage
@@ -1165,12 +1092,10 @@ def text_chart(history, stage_bounds, epochs, height=10):
     legend = "       epoch (last digit); v ViT, c CNN, * both; | stage"
     return "\n".join(lines + ["       " + axis, legend])
 
-
 # ----------------------------------------------------------------------------------------- bench
 # Dense peak FLOP/s by the vendors' datasheets (bf16/fp16, tf32): the denominators of MFU.
 PEAK_FLOPS = {"H100 PCIe": (756e12, 378e12), "H100 NVL": (835e12, 418e12), "H100": (989e12, 495e12),
               "H200": (989e12, 495e12), "A100": (312e12, 156e12)}  # the first name found counts
-
 
 def timed(fn, device, calls=3):
     """Seconds per call of fn, the work it queued on a GPU included."""
@@ -1181,7 +1106,6 @@ def timed(fn, device, calls=3):
         fn()
     sync()
     return (time.perf_counter() - t0) / calls
-
 
 def bench_step(model, optimizers, images, targets, amp_dtype, compile_):
     """One model's training step (a pair's, or a branch's on plain CE), compiled and warmed up:
@@ -1204,7 +1128,6 @@ def bench_step(model, optimizers, images, targets, amp_dtype, compile_):
         model(images[:2])  # two images: BatchNorm in training needs two values per channel
     memory = torch.cuda.max_memory_allocated() if images.is_cuda else 0
     return step, 3 * counter.get_total_flops() / 2, memory  # training: about 3x the forward
-
 
 def bench(cfg, device, amp_dtype, compile_, log):
     """Training img/s of each branch alone, of the pair step and (ImageNet pair) of torchvision's
@@ -1256,7 +1179,6 @@ def bench(cfg, device, amp_dtype, compile_, log):
         log(f"input pipeline: {seen / (time.perf_counter() - t0):.1f} img/s, {cfg.workers} workers")
     return 0
 
-
 # ------------------------------------------------------------------------------------------- main
 def main(argv=None):
     """The command line: bad input ends in one line on stderr and exit code 2."""
@@ -1268,7 +1190,6 @@ def main(argv=None):
     if code:
         sys.exit(code)
 
-
 def build_pair(cfg, num_classes):
     """The ViT, the CNN (channels_last: faster convolutions on GPUs) and the pair head, seeded so
     that every rank starts from the same weights."""
@@ -1277,7 +1198,6 @@ def build_pair(cfg, num_classes):
                      build_branch(cfg.cnn, num_classes, cfg.img_size, cfg.drop_path), num_classes)
     pair.cnn.to(memory_format=torch.channels_last)
     return pair
-
 
 def prepare_out(cfg, rank, world, device):
     """Makes --out; returns (path of last.pt, whether to resume from it). Rank 0 looks for it and
@@ -1299,7 +1219,6 @@ def prepare_out(cfg, rank, world, device):
         os.replace(log_path, log_path + ".old")
     return path, found
 
-
 @contextlib.contextmanager
 def stop_on_signal(job):
     """SIGTERM or Ctrl-C asks the loop to save and stop at its next log point; a second Ctrl-C
@@ -1315,7 +1234,6 @@ def stop_on_signal(job):
         for sig, handler in old.items():
             signal.signal(sig, handler)
 
-
 def build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_classes, log):
     """The pair (every rank the same weights, its own drop-path masks), its loss, schedule,
     optimizers and gradient scaler, and this rank's loaders."""
@@ -1330,7 +1248,7 @@ def build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_class
             "seed": cfg.seed, "repeat_aug": cfg.repeat_aug, "train_images": len(train_set),
             "global_batch": global_batch, "world": world}
     job = Job(cfg, rank, world, device, amp_dtype, pair.to(device),
-              PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing),
+              PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing, cfg.teach),
               PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp),
               build_optimizers(cfg, pair, global_batch, cuda),
               torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
@@ -1340,7 +1258,6 @@ def build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_class
         raise UserError(f"the train split ({len(train_set)} images) is smaller than one global "
                         f"batch ({global_batch})")
     return job
-
 
 def describe(job, resume):
     """Prints the run's setup: processes, batches, precision, lrs, stages; and its checks."""
@@ -1362,7 +1279,6 @@ def describe(job, resume):
             f"(SGD, {cfg.lr_cnn} per 1024); warm-up {warmup:g} epochs, then cosine")
     job.log(f"stages: 1 warm-up epochs [0, {s1:g}), 2 pair [{s1:g}, {s2:g}) with a -> "
             f"{cfg.pair_weight}, 3 solo [{s2:g}, {cfg.epochs}]")
-
 
 def run(cfg):
     """The whole job, in each process. Returns the exit code: 0, or 3 when training cannot go on."""
@@ -1413,7 +1329,6 @@ def run(cfg):
     finally:
         if world > 1:
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     main()
