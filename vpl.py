@@ -440,15 +440,15 @@ class PairLoss(nn.Module):
         pair_ce = ce(out["pair"]).mean()
         terms, total = {}, pair_ce
         for b, teacher in teachers.items():  # b: the branch taught
-            labels = ce(out[b])
+            ce_each = ce(out[b])
             taught = teacher_is_better(out[b], teacher, target) if self.teach == "better" else \
-                torch.ones_like(labels)
-            terms[f"{b}_ce"] = labels.mean()
+                torch.ones_like(ce_each)
+            terms[f"{b}_ce"] = ce_each.mean()
             terms[f"{b}_kd"] = kd_loss(out[b], teacher, self.temperature, taught)
             terms[f"{b}_taught"] = taught.mean()  # the fraction of the batch taught
             total = total + terms[f"{b}_ce"]
             if a > 0:  # left out at a = 0, not multiplied by 0: a NaN branch stays alone
-                total = total + a * (terms[f"{b}_kd"] - (taught * labels).mean())
+                total = total + a * (terms[f"{b}_kd"] - (taught * ce_each).mean())
         terms["pair_ce"] = pair_ce
         return total, terms
 
