@@ -51,7 +51,7 @@ class Config:
     batch_size: int = option(128, "images per process per micro-step")
     accum_steps: int = option(1, "micro-steps per optimizer step")
     lr_vit: float = option(4e-3, "AdamW peak lr per 512 images of global batch")
-    lr_cnn: float = option(0.8, "SGD peak lr per 1024 images of global batch")
+    lr_cnn: float = option(2.0, "SGD peak lr per 1024 images of global batch")
     min_lr_vit: float = option(1e-5, "AdamW lr at the end of the cosine")
     wd_vit: float = option(0.05, "AdamW weight decay")
     wd_cnn: float = option(5e-5, "SGD weight decay")
@@ -65,11 +65,11 @@ class Config:
     reprob: float = option(0.0, "RandomErasing probability")
     ema: float = option(0.0, "EMA decay per step of the whole pair (0: off)")
     # pair learning
-    pair_weight: float = option(0.2, "a: weight of the partner loss in stage 2, in [0, 1]")
+    pair_weight: float = option(0.5, "a: weight of the partner loss in stage 2, in [0, 1]")
     pair_temp: float = option(1.0, "T: distillation temperature, > 0")
     teacher: str = option("partner", "who teaches each branch", ["partner", "pair"])
-    teach: str = option("always", "which samples a teacher teaches: all, or those on which it "
-                        "gives the label more probability than its student", ["always", "better"])
+    teach: str = option("better", "which samples a teacher teaches: those on which it gives the "
+                        "label more probability than its student, or all", ["better", "always"])
     stages: str = option("0.1,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
     ramp: float = option(0.05, "fraction of training over which a rises at the start of stage 2")
     # system
@@ -312,10 +312,11 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet of Bottleneck blocks, with timm's forward_features/forward_head. `small_stem`
-    swaps the 7x7/2 conv and max-pool for one 3x3/1 conv (32 px); `width`: stem channels (64)."""
+    swaps the 7x7/2 conv and max-pool for one 3x3/2 conv (32 px); `width`: stem channels (64)."""
     def __init__(self, layers=(3, 4, 6, 3), num_classes=1000, width=64, small_stem=False):
         super().__init__()
-        self.conv1 = conv3x3(3, width) if small_stem else nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.conv1 = (conv3x3(3, width, 2) if small_stem
+                      else nn.Conv2d(3, width, 7, 2, 3, bias=False))
         self.bn1, self.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
         self.maxpool = nn.Identity() if small_stem else nn.MaxPool2d(3, 2, 1)
         self.inplanes = width
@@ -342,7 +343,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward_features(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))      # (B, w, H/4, W/4); small: H, W
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))      # (B, w, H/4, W/4); small: H/2
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32w, H/32, W/32)
 
     def forward_head(self, x, pre_logits=False):
@@ -358,7 +359,7 @@ def resnet50(num_classes=1000):
 
 def resnet_tiny(num_classes=10):
     """A narrow ResNet of the same Bottleneck, one block per stage, 3x3 stem: 32 px on the CPU."""
-    return ResNet((1, 1, 1, 1), num_classes, width=8, small_stem=True)
+    return ResNet((1, 1, 1, 1), num_classes, width=16, small_stem=True)
 
 def build_branch(name, num_classes, img_size, drop_path):
     """One branch by its --vit/--cnn name; only a ViT takes the image size and drop-path rate."""
@@ -418,14 +419,14 @@ class PairLoss(nn.Module):
     teacher='partner': each branch is taught by the other (deep mutual learning, arXiv 1706.00384);
     'pair': the pair head teaches both. g = 1 where the teacher beats its student on the label
     (teach='better': direction-aware), or everywhere ('always'). Returns the total and the terms."""
-    def __init__(self, temperature=1.0, teacher="partner", label_smoothing=0.0, teach="always"):
+    def __init__(self, temperature=1.0, teacher="partner", label_smoothing=0.0, teach="better"):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"--pair-temp must be > 0, got {temperature}")
         if teacher not in ("partner", "pair"):
             raise ValueError(f"--teacher must be 'partner' or 'pair', got {teacher!r}")
-        if teach not in ("always", "better"):
-            raise ValueError(f"--teach must be 'always' or 'better', got {teach!r}")
+        if teach not in ("better", "always"):
+            raise ValueError(f"--teach must be 'better' or 'always', got {teach!r}")
         self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
         self.teach = teach
 
@@ -456,7 +457,7 @@ class PairSchedule:
     """The three stages as fractions of training, 'S1,S2': 1 warm-up [0, S1), 2 pair [S1, S2),
     3 solo [S2, 1]. Called with the progress in [0, 1], gives (stage, a): a is 0 outside stage 2
     and rises linearly from 0 at S1 to `pair_weight` at S1 + ramp."""
-    def __init__(self, stages="0.1,0.8", pair_weight=0.2, ramp=0.05):
+    def __init__(self, stages="0.1,0.8", pair_weight=0.5, ramp=0.05):
         try:
             self.s1, self.s2 = (float(s) for s in stages.split(","))
         except ValueError:
