@@ -33,7 +33,7 @@ class Config:
                          ["", "demo", "imagenet"])
     # data
     data: str = option("demo", "'demo' (built in) or an ImageFolder root with train/ and val/")
-    demo_train: int = option(5000, "images in the demo's train split")
+    demo_train: int = option(2500, "images in the demo's train split")
     demo_val: int = option(1000, "images in the demo's val split")
     img_size: int = option(32, "image side, pixels")
     workers: int = option(2, "data loading processes per GPU")
@@ -47,7 +47,7 @@ class Config:
     init_vit: str = option("", "ViT weights to start from (timm/DeiT, torchvision, vpl last.pt)")
     init_cnn: str = option("", "ResNet weights to start from (torchvision, vpl last.pt)")
     # optimization
-    epochs: int = option(10, "training epochs")
+    epochs: int = option(20, "training epochs")
     batch_size: int = option(128, "images per process per micro-step")
     accum_steps: int = option(1, "micro-steps per optimizer step")
     lr_vit: float = option(4e-3, "AdamW peak lr per 512 images of global batch")
@@ -66,7 +66,7 @@ class Config:
     ema: float = option(0.0, "EMA decay per step of the whole pair (0: off)")
     # pair learning
     pair_weight: float = option(0.5, "a: weight of the partner loss in stage 2, in [0, 1]")
-    pair_temp: float = option(1.0, "T: distillation temperature, > 0")
+    pair_temp: float = option(4.0, "T: distillation temperature, > 0")
     teacher: str = option("partner", "who teaches each branch", ["partner", "pair"])
     teach: str = option("better", "which samples a teacher teaches: those on which it gives the "
                         "label more probability than its student, or all", ["better", "always"])
@@ -267,19 +267,15 @@ VIT_TORCHVISION_NAMES = [
     ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2"),
     ("mlp.linear_1", "mlp.fc1"), ("mlp.linear_2", "mlp.fc2")]  # older names torchvision still reads
 
-def rename_keys(state_dict, renames):
-    """The state dict with each (old, new) substring replaced in every key, in order."""
+def vit_from_torchvision(state_dict, renames=VIT_TORCHVISION_NAMES):
+    """A torchvision vit_b_16 state dict under this file's (timm/DeiT) names."""
     for old, new in renames:
         state_dict = {key.replace(old, new): value for key, value in state_dict.items()}
     return state_dict
 
-def vit_from_torchvision(state_dict):
-    """A torchvision vit_b_16 state dict under this file's (timm/DeiT) names."""
-    return rename_keys(state_dict, VIT_TORCHVISION_NAMES)
-
 def vit_to_torchvision(state_dict):
     """This file's ViT state dict (vit.pt) under torchvision's vit_b_16 names."""
-    return rename_keys(state_dict, [(new, old) for old, new in VIT_TORCHVISION_NAMES[:-2]])
+    return vit_from_torchvision(state_dict, [(new, old) for old, new in VIT_TORCHVISION_NAMES[:-2]])
 
 # ------------------------------------------------------------------------------------- ResNet-50
 # "Deep Residual Learning", arXiv 1512.03385; v1.5 and names as torchvision's, so its weights load
@@ -419,7 +415,7 @@ class PairLoss(nn.Module):
     teacher='partner': each branch is taught by the other (deep mutual learning, arXiv 1706.00384);
     'pair': the pair head teaches both. g = 1 where the teacher beats its student on the label
     (teach='better': direction-aware), or everywhere ('always'). Returns the total and the terms."""
-    def __init__(self, temperature=1.0, teacher="partner", label_smoothing=0.0, teach="better"):
+    def __init__(self, temperature=4.0, teacher="partner", label_smoothing=0.0, teach="better"):
         super().__init__()
         if not temperature > 0:
             raise ValueError(f"--pair-temp must be > 0, got {temperature}")
@@ -1007,7 +1003,6 @@ def parts_to_save(job):
     optimizers = (optimizer for optimizer, _, _ in job.optimizers)
     return {"model": job.pair, "scaler": job.scaler,
             **({"ema": job.ema} if job.ema is not None else {}),
-
             **dict(zip(("opt_vit", "opt_pair", "opt_cnn"), optimizers))}
 
 def load_state(job, path, resume):
