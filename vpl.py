@@ -268,7 +268,8 @@ VIT_TORCHVISION_NAMES = [
     ("mlp.linear_1", "mlp.fc1"), ("mlp.linear_2", "mlp.fc2")]  # older names torchvision still reads
 
 def vit_from_torchvision(state_dict, renames=VIT_TORCHVISION_NAMES):
-    """A torchvision vit_b_16 state dict under this file's (timm/DeiT) names."""
+    """A torchvision vit_b_16 state dict under this file's (timm/DeiT) names: each (old, new)
+    substring pair of `renames` replaced in every key, in order."""
     for old, new in renames:
         state_dict = {key.replace(old, new): value for key, value in state_dict.items()}
     return state_dict
