@@ -984,9 +984,9 @@ def evaluate_pair(job):
 SAME_WEIGHTS = ("vit", "cnn", "img_size", "classes")
 SAME_ORDER = ("seed", "repeat_aug", "train_images", "global_batch", "world")
 
-def save_checkpoint(job, path, best):
-    """Every part's state, the run's setup and every rank's RNG state, written atomically by rank 0
-    while the others wait. It loads with torch.load(weights_only=True)."""
+def save_checkpoint(job, path, history):
+    """Every part's state, the run's setup, its epoch records and every rank's RNG state, written
+    atomically by rank 0 while the others wait. It loads with torch.load(weights_only=True)."""
     rng = {"cpu": torch.get_rng_state()}
     rng.update({"cuda": torch.cuda.get_rng_state()} if job.device.type == "cuda" else {})
     rngs = [rng] * job.world
@@ -994,7 +994,7 @@ def save_checkpoint(job, path, best):
         dist.all_gather_object(rngs, rng)
     if job.rank == 0:
         state = {name: part.state_dict() for name, part in parts_to_save(job).items()}
-        save_atomic({**state, "step": job.step, "best": best, "made": job.made, "rng": rngs,
+        save_atomic({**state, "step": job.step, "history": history, "made": job.made, "rng": rngs,
                      "config": asdict(job.cfg)}, path)
     if job.world > 1:
         dist.barrier()  # nobody runs ahead, or exits, while rank 0 writes
@@ -1031,8 +1031,21 @@ def load_state(job, path, resume):
             torch.cuda.set_rng_state(ckpt["rng"][job.rank]["cuda"])
     return ckpt
 
-def finish_epoch(job, epoch, stats, best):
-    """Evaluates the epoch, logs it (stdout, log.jsonl) and exports each branch at its best."""
+def write_log(out, records, mode="a"):
+    """Appends (or with mode 'w', writes) records to <out>/log.jsonl, one JSON object a line."""
+    try:
+        with open(os.path.join(out, "log.jsonl"), mode) as f:
+            f.writelines(json.dumps(record) + "\n" for record in records)
+    except OSError as e:  # a full disk: one line; last.pt stays the previous epoch's
+        raise UserError(f"cannot write {out}/log.jsonl ({e.strerror or e})") from None
+
+def best_top1(history, branch):
+    """A branch's best val top-1 over the epochs logged so far (-1 before the first)."""
+    return max((record[f"val_{branch}_top1"] for record in history), default=-1.0)
+
+def finish_epoch(job, epoch, stats, history):
+    """Evaluates the epoch, logs it (stdout, log.jsonl), exports each branch at its best and
+    appends the epoch's record to history."""
     result = evaluate_pair(job)
     stage, a = job.schedule((job.step - 1) / job.total_steps)  # of the epoch's last step
     record = {"epoch": epoch, "stage": stage, "pair_weight": a, "world_size": job.world, **result,
@@ -1041,32 +1054,12 @@ def finish_epoch(job, epoch, stats, best):
              and not k.endswith("top5")]
     job.log(" | ".join(f"{k} {record[k]:.2f}" if isinstance(record[k], float) else
                        f"{k} {record[k]}" for k in shown))
-    for branch in ("vit", "cnn"):
-        if result[f"val_{branch}_top1"] > best[branch]:
-            best[branch] = result[f"val_{branch}_top1"]
-            if job.rank == 0:
-                path = os.path.join(job.cfg.out, f"{branch}.pt")
-                save_atomic(cpu_state(getattr(job.pair, branch)), path)
+    for branch in ("vit", "cnn") if job.rank == 0 else ():
+        if result[f"val_{branch}_top1"] > best_top1(history, branch):
+            save_atomic(cpu_state(getattr(job.pair, branch)), f"{job.cfg.out}/{branch}.pt")
     if job.rank == 0:
-        try:
-            with open(os.path.join(job.cfg.out, "log.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:  # a full disk: one line; last.pt stays the previous epoch's
-            raise UserError(f"cannot write {job.cfg.out}/log.jsonl ({e.strerror or e})") from None
-    return record
-
-def read_history(out, epochs):
-    """The records of log.jsonl's first `epochs` epochs, rewritten without the later ones (those a
-    killed run logged after its last checkpoint) and without a line torn by the kill."""
-    path = os.path.join(out, "log.jsonl")
-    with open(path, "a+") as f:
-        f.seek(0)
-        history = [json.loads(line) for line in f if line.endswith("}\n")]
-    history = [record for record in history if record["epoch"] < epochs]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(record) + "\n" for record in history)
-    os.replace(path + ".tmp", path)
-    return history
+        write_log(job.cfg.out, [record])
+    history.append(record)
 
 def text_chart(history, stage_bounds, epochs, height=10):
     """A text chart of both branches' val top-1 per epoch ('v' ViT, 'c' CNN, '*' both), stage
@@ -1129,7 +1122,7 @@ def bench_step(model, optimizers, images, targets, amp_dtype, compile_):
 def bench(cfg, device, amp_dtype, compile_, log):
     """Training img/s of each branch alone, of the pair step and (ImageNet pair) of torchvision's
     models, on synthetic batches: median of 5 rounds taken in turn; FLOPs per image; on CUDA,
-    peak memory and MFU. With --data, the input pipeline alone too."""
+    peak memory and MFU."""
     import torchvision
     B, cuda = cfg.batch_size, device.type == "cuda"
     classes = 1000 if cfg.preset == "imagenet" else 10
@@ -1168,12 +1161,6 @@ def bench(cfg, device, amp_dtype, compile_, log):
             + (f", MFU {100 * rate * flops / peak:.1f}%" if peak else ""))
     ratios = [p / (v + c) for p, v, c in zip(seconds["pair"], seconds["ViT"], seconds["CNN"])]
     log(f"pair overhead vs ViT + CNN alone: {100 * (statistics.median(ratios) - 1):+.1f}%")
-    if cfg.data != "demo":  # the input pipeline alone, after its workers have started
-        train_set, val_set, _ = build_datasets(cfg)
-        batches = iter(build_loaders(cfg, train_set, val_set, 0, 1, cuda)[0])
-        next(batches)
-        t0, seen = time.perf_counter(), sum(len(batch[0]) for _, batch in zip(range(20), batches))
-        log(f"input pipeline: {seen / (time.perf_counter() - t0):.1f} img/s, {cfg.workers} workers")
     return 0
 
 # ------------------------------------------------------------------------------------------- main
@@ -1199,7 +1186,7 @@ def build_pair(cfg, num_classes):
 def prepare_out(cfg, rank, world, device):
     """Makes --out; returns (path of last.pt, whether to resume from it). Rank 0 looks for it and
     tells the others; a fresh start never writes over a checkpoint."""
-    path, log_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "log.jsonl")
+    path = os.path.join(cfg.out, "last.pt")
     found = torch.tensor(float(os.path.isfile(path)), device=device)
     if world > 1:
         dist.broadcast(found, 0)
@@ -1212,8 +1199,6 @@ def prepare_out(cfg, rank, world, device):
         os.makedirs(cfg.out, exist_ok=True)
     except OSError as e:
         raise UserError(f"--out {cfg.out}: cannot make that folder ({e.strerror or e})") from None
-    if rank == 0 and not found and os.path.exists(log_path):  # a run killed before last.pt
-        os.replace(log_path, log_path + ".old")
     return path, found
 
 @contextlib.contextmanager
@@ -1292,7 +1277,7 @@ def run(cfg):
         # PHASE 2: data; the pair, its loss and optimizers; resume ---------------------------------
         train_set, val_set, num_classes = build_datasets(cfg)
         job = build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_classes, log)
-        best = load_state(job, ckpt_path, resume).get("best", {"vit": -1.0, "cnn": -1.0})
+        history = load_state(job, ckpt_path, resume).get("history", [])  # one record an epoch
         # PHASE 3: wrap for DDP, then compile, as PyTorch's DDP notes say -------------------------
         # (docs/stable/notes/ddp.html): DDPOptimizer splits the graph at bucket boundaries
         job.model = DDP(job.pair, device_ids=[device.index] if device.index is not None else None) \
@@ -1302,16 +1287,17 @@ def run(cfg):
             log(json.dumps(evaluate_pair(job)))  # the plain pair, not the compiled one
             return 0
         # PHASE 4: train, evaluate and save each epoch --------------------------------------------
-        history = read_history(cfg.out, job.step // job.steps_per_epoch) if rank == 0 else []
         describe(job, resume)
+        if rank == 0:  # without what a killed run logged after its last checkpoint
+            write_log(cfg.out, history, mode="w")
         with stop_on_signal(job):
             for epoch in range(job.step // job.steps_per_epoch, cfg.epochs):
                 stats, stop = train_epoch(job, epoch)
                 if stop == "error":
                     return 3
                 if job.step % job.steps_per_epoch == 0:  # the epoch's steps are done: evaluate
-                    history.append(finish_epoch(job, epoch, stats, best))
-                save_checkpoint(job, ckpt_path, best)
+                    finish_epoch(job, epoch, stats, history)
+                save_checkpoint(job, ckpt_path, history)
                 if stop:
                     log(f"stopped at step {job.step} ({stop}); saved {ckpt_path}; continue "
                         "with --resume")
@@ -1321,7 +1307,8 @@ def run(cfg):
         for branch in ("vit", "cnn") if job.ema is not None and rank == 0 else ():
             path = os.path.join(cfg.out, f"{branch}_ema.pt")
             save_atomic(cpu_state(getattr(job.ema, branch)), path)
-        log(f"best val top-1: ViT {best['vit']:.2f}, CNN {best['cnn']:.2f}; weights in {cfg.out}")
+        log(f"best val top-1: ViT {best_top1(history, 'vit'):.2f}, CNN "
+            f"{best_top1(history, 'cnn'):.2f}; weights in {cfg.out}")
         return 0
     finally:
         if world > 1:
