@@ -266,6 +266,11 @@ def test_a_stop_by_max_steps_at_an_epochs_end_logs_it_and_the_resume_is_bit_iden
     assert "| step 12/24 |" not in resumed.stdout and "| step 13/24 |" in resumed.stdout  # nothing redone
     assert_same_checkpoint(out, reference)
     assert_same_log(out, reference)  # whole: each epoch was trained in one run
+    # the chart and the best accuracies cover the epoch before the resume too: last.pt holds its record
+    def chart_and_best(stdout):  # what follows the last epoch's line, but for the output folder
+        return stdout[stdout.index("\n", stdout.rindex("| img_per_s")):].split("; weights in")[0]
+    assert "epoch (last digit)" in chart_and_best(resumed.stdout)
+    assert chart_and_best(resumed.stdout) == chart_and_best(reference_run[1])
 
 
 def test_sigterm_anywhere_stops_at_the_next_log_point_and_the_resumes_are_bit_identical(reference_run, tmp_path):
