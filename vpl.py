@@ -1054,10 +1054,11 @@ def finish_epoch(job, epoch, stats, history):
              and not k.endswith("top5")]
     job.log(" | ".join(f"{k} {record[k]:.2f}" if isinstance(record[k], float) else
                        f"{k} {record[k]}" for k in shown))
-    for branch in ("vit", "cnn") if job.rank == 0 else ():
-        if result[f"val_{branch}_top1"] > best_top1(history, branch):
-            save_atomic(cpu_state(getattr(job.pair, branch)), f"{job.cfg.out}/{branch}.pt")
     if job.rank == 0:
+        for branch in ("vit", "cnn"):
+            if result[f"val_{branch}_top1"] > best_top1(history, branch):
+                path = os.path.join(job.cfg.out, f"{branch}.pt")
+                save_atomic(cpu_state(getattr(job.pair, branch)), path)
         write_log(job.cfg.out, [record])
     history.append(record)
 
