@@ -1144,7 +1144,7 @@ def test_one_backward_gives_each_branch_the_gradient_of_its_own_loss(teacher):
     pair, a = tiny_pair(), 0.5
     out = pair(torch.randn(8, 3, 32, 32))
     total, t = vpl.PairLoss(2.0, teacher, 0.1, teach="always")(out, torch.randint(10, (8,)), a)
-    own = {"vit": (1 - a) * t["vit_ce"] + a * t["vit_kd"], "cnn": (1 - a) * t["cnn_ce"] + a * t["cnn_kd"]}
+    own = {"vit": t["vit_ce"] + a * t["vit_kd"], "cnn": t["cnn_ce"] + a * t["cnn_kd"]}
     for branch in ("vit", "cnn"):
         params = list(getattr(pair, branch).parameters())
         for g_total, g_own in zip(grads(total, params), grads(own[branch], params)):
@@ -1170,8 +1170,8 @@ def test_pair_loss_terms_and_total_match_hand_computation(teacher, teach):
         assert terms[f"{b}_ce"].item() == pytest.approx(sum(ce[b]) / 16, rel=1e-5)
         assert terms[f"{b}_taught"].item() == pytest.approx(sum(taught[b]) / 16)
     assert teach == "always" or 0 < sum(taught["vit"]) < 16  # the gate both keeps and drops samples
-    # per sample: (1 - a g) CE + a g KD, g the gate; a sample not taught learns from its label alone
-    by_hand = sum((1 - a * g) * c + a * g * kd_by_hand([s], [t], T)
+    # per sample: CE + a g KD, g the gate; a sample not taught learns from its label alone
+    by_hand = sum(c + a * g * kd_by_hand([s], [t], T)
                   for b in ("vit", "cnn")
                   for g, c, s, t in zip(taught[b], ce[b], out[b].tolist(), out[by[b]].tolist())) / 16
     by_hand += sum(ce["pair"]) / 16

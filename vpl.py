@@ -412,9 +412,9 @@ def teacher_is_better(student, teacher, target):
     return ((p_teacher * target).sum(-1) > (p_student * target).sum(-1)).float()
 
 class PairLoss(nn.Module):
-    """Per branch and sample (1 - a g) * CE(label) + a g * KD(teacher), plus the pair head's CE.
-    teacher='partner': each branch is taught by the other (deep mutual learning, arXiv 1706.00384);
-    'pair': the pair head teaches both. g = 1 where the teacher beats its student on the label
+    """Per branch and sample CE(label) + a g * KD(teacher), plus the pair head's CE. teacher=
+    'partner': each branch is taught by the other (deep mutual learning, arXiv 1706.00384); 'pair':
+    the pair head teaches both. g = 1 where the teacher beats its student on the label
     (teach='better': direction-aware), or everywhere ('always'). Returns the total and the terms."""
     def __init__(self, temperature=4.0, teacher="partner", label_smoothing=0.0, teach="better"):
         super().__init__()
@@ -445,8 +445,8 @@ class PairLoss(nn.Module):
             terms[f"{b}_kd"] = kd_loss(out[b], teacher, self.temperature, taught)
             terms[f"{b}_taught"] = taught.mean()  # the fraction of the batch taught
             total = total + terms[f"{b}_ce"]
-            if a > 0:  # left out at a = 0, not multiplied by 0: a NaN branch stays alone
-                total = total + a * (terms[f"{b}_kd"] - (taught * ce_each).mean())
+            if a > 0:  # added to the label's CE, not in its place: the student keeps it whole
+                total = total + a * terms[f"{b}_kd"]  # left out at a = 0: a NaN partner stays out
         terms["pair_ce"] = pair_ce
         return total, terms
 
