@@ -412,9 +412,9 @@ def teacher_is_better(student, teacher, target):
     return ((p_teacher * target).sum(-1) > (p_student * target).sum(-1)).float()
 
 class PairLoss(nn.Module):
-    """Per branch and sample CE(label) + a g * KD(teacher), plus the pair head's CE. teacher=
-    'partner': each branch is taught by the other (deep mutual learning, arXiv 1706.00384); 'pair':
-    the pair head teaches both. g = 1 where the teacher beats its student on the label
+    """Per branch and sample CE(label) + a g * KD(teacher), plus the pair head's CE. With
+    teacher='partner' each branch is taught by the other (deep mutual learning, arXiv 1706.00384),
+    with 'pair' the pair head teaches both. g = 1 where the teacher beats its student on the label
     (teach='better': direction-aware), or everywhere ('always'). Returns the total and the terms."""
     def __init__(self, temperature=4.0, teacher="partner", label_smoothing=0.0, teach="better"):
         super().__init__()
