@@ -1356,14 +1356,10 @@ def test_every_parameter_gets_a_gradient_in_every_stage(progress):
     assert not missing  # so DDP never needs find_unused_parameters
 
 
-@pytest.mark.parametrize("option,make", [
-    ("--pair-weight", lambda: vpl.PairSchedule(pair_weight=1.5)), ("--pair-temp", lambda: vpl.PairLoss(temperature=0.0)),
-    ("--teacher", lambda: vpl.PairLoss(teacher="nobody")), ("--teach", lambda: vpl.PairLoss(teach="sometimes")),
-    ("--stages", lambda: vpl.PairSchedule("0.9,0.1")),
-    ("--stages", lambda: vpl.PairSchedule("half")), ("--ramp", lambda: vpl.PairSchedule(ramp=-0.1))])
-def test_invalid_pair_options_raise_value_error_naming_the_option(option, make):
-    with pytest.raises(ValueError, match=option):
-        make()
+@pytest.mark.parametrize("stages", ["0.9,0.1", "half", "0.5,1.5"])
+def test_invalid_stages_raise_value_error_naming_the_flag(stages):
+    with pytest.raises(ValueError, match="--stages"):
+        vpl.PairSchedule(stages)
 
 
 # ---------------------------------------------------------------------------------- data

@@ -361,8 +361,7 @@ def resnet_tiny(num_classes=10):
 def build_branch(name, num_classes, img_size, drop_path):
     """One branch by its --vit/--cnn name; only a ViT takes the image size and drop-path rate."""
     if name.startswith("vit"):
-        make = {"vit_b_16": vit_b_16, "vit_tiny": vit_tiny}[name]
-        return make(num_classes, img_size=img_size, drop_path=drop_path)
+        return {"vit_b_16": vit_b_16, "vit_tiny": vit_tiny}[name](num_classes, img_size, drop_path)
     return {"resnet50": resnet50, "resnet_tiny": resnet_tiny}[name](num_classes)
 
 # --------------------------------------------------------------------------------- pair learning
@@ -418,12 +417,6 @@ class PairLoss(nn.Module):
     (teach='better': direction-aware), or everywhere ('always'). Returns the total and the terms."""
     def __init__(self, temperature=4.0, teacher="partner", label_smoothing=0.0, teach="better"):
         super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"--pair-temp must be > 0, got {temperature}")
-        if teacher not in ("partner", "pair"):
-            raise ValueError(f"--teacher must be 'partner' or 'pair', got {teacher!r}")
-        if teach not in ("better", "always"):
-            raise ValueError(f"--teach must be 'better' or 'always', got {teach!r}")
         self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
         self.teach = teach
 
@@ -461,10 +454,6 @@ class PairSchedule:
             raise ValueError(f"--stages must be two fractions 'S1,S2', got {stages!r}") from None
         if not 0 <= self.s1 <= self.s2 <= 1:
             raise ValueError(f"--stages must satisfy 0 <= S1 <= S2 <= 1, got {stages!r}")
-        if not 0 <= pair_weight <= 1:
-            raise ValueError(f"--pair-weight must be in [0, 1], got {pair_weight}")
-        if not 0 <= ramp <= 1:
-            raise ValueError(f"--ramp must be in [0, 1], got {ramp}")
         self.pair_weight, self.ramp = pair_weight, ramp
 
     def __call__(self, progress):
