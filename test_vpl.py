@@ -378,7 +378,7 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
         assert value == pytest.approx(log[-1][key], abs=1e-9), key
 
 
-def test_a_resume_may_add_an_ema_which_starts_from_the_resumed_weights_and_fp16_whose_scaler_starts_afresh(
+def test_a_resume_may_add_an_ema_keep_its_decay_without_the_flag_and_start_fp16s_scaler_afresh(
         reference_run, tmp_path):
     # fp32's scaler state is empty (scale 1): loaded into an fp16 run, small fp16 gradients would flush to zero
     out = str(tmp_path / "run")
@@ -389,6 +389,11 @@ def test_a_resume_may_add_an_ema_which_starts_from_the_resumed_weights_and_fp16_
     for key, ema in after["ema"].items():  # one step of decay 0.5: halfway from the resumed to the new weights
         if ema.is_floating_point():
             assert torch.allclose(ema, (resumed[key] + after["model"][key]) / 2, atol=1e-6), key
+    vpl_main(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "26", "--amp", "fp16")
+    last = checkpoint(out)  # a resume without --ema goes on with the checkpoint's decay
+    for key, ema in last["ema"].items():
+        if ema.is_floating_point():
+            assert torch.allclose(ema, (after["ema"][key] + last["model"][key]) / 2, atol=1e-6), key
 
 
 def test_eval_only_reproduces_the_logged_accuracies_and_leaves_the_log_alone(reference_run, tmp_path):
@@ -408,12 +413,18 @@ def test_eval_only_reproduces_the_logged_accuracies_and_leaves_the_log_alone(ref
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before  # all untouched
 
 
-def test_a_run_starts_its_branches_from_the_init_files(reference_run, tmp_path):
+def test_a_run_starts_its_branches_from_the_init_files_and_a_resume_does_not_read_them_again(reference_run, tmp_path):
     ref = reference_run[0]  # at lr 0 a step leaves every weight where it started (BatchNorm's statistics move)
     # the ViT from its export, the CNN from the pair in a vpl last.pt
-    vpl_main(*TINY, "--init-vit", os.path.join(ref, "vit.pt"), "--init-cnn", os.path.join(ref, "last.pt"),
-             "--lr-vit", "0", "--lr-cnn", "0", "--max-steps", "1", "--out", str(tmp_path))
-    state = model_state(str(tmp_path))
+    out, init_vit = str(tmp_path / "run"), str(tmp_path / "init_vit.pt")
+    shutil.copy(os.path.join(ref, "vit.pt"), init_vit)
+    args = [*TINY, "--init-vit", init_vit, "--init-cnn", os.path.join(ref, "last.pt"), "--lr-vit", "0",
+            "--lr-cnn", "0", "--out", out]
+    vpl_main(*args, "--max-steps", "1")
+    state = model_state(out)
+    os.remove(init_vit)  # a resumed run has its weights in last.pt: the init files are not read again
+    vpl_main(*args, "--max-steps", "2", "--resume")
+    assert checkpoint(out)["step"] == 2
     starts = {"vit": torch.load(os.path.join(ref, "vit.pt"), weights_only=True),
               "cnn": {k[4:]: v for k, v in model_state(ref).items() if k.startswith("cnn.")}}
     for branch, model in (("vit", vpl.vit_tiny()), ("cnn", vpl.resnet_tiny())):
@@ -443,7 +454,8 @@ def test_two_processes_train_as_one_count_each_val_image_once_and_stop_together(
             "--warmup-epochs", "0", "--demo-train", "192", "--demo-val", "101"]
     two, one, stopped = (str(tmp_path / name) for name in ("two", "one", "stopped"))
     torchrun(VPL, *args, "--accum-steps", "2", "--out", two)
-    vpl_main(*args, "--accum-steps", "4", "--out", one)
+    printed = vpl_main(*args, "--accum-steps", "4", "--out", one).stdout  # a ViT partner gets AdamW and its lr
+    assert re.search(r"lr: vit_tiny \S+ \(AdamW, 0.04 per 512\), vit_tiny \S+ \(AdamW, 0.04 per 512\)", printed)
     a, b = model_state(two), model_state(one)
     start = vpl.build_pair(vpl.parse_config(args), 10).state_dict()
     differ = sum((a[key] - value).abs().sum() for key, value in b.items())
@@ -972,6 +984,10 @@ def test_weights_of_another_architecture_are_refused_in_one_line(tmp_path):
         vpl.load_branch_weights(quick(vpl.vit_b_16), vpl.vit_tiny(img_size=224).state_dict())
     with pytest.raises(vpl.UserError, match="weights do not fit the branch"):  # a CNN's weights given to the ViT
         vpl.load_branch_weights(vpl.vit_tiny(), vpl.resnet_tiny().state_dict())
+    distilled = {**vpl.vit_tiny().state_dict(), "dist_token": torch.zeros(1, 1, 128)}  # DeiT's distilled ViT:
+    distilled["pos_embed"] = torch.zeros(1, 2 + 64, 128)  # two tokens before the 8 x 8 grid
+    with pytest.raises(vpl.UserError, match="weights do not fit the branch .*not 1 \\+ a square grid"):
+        vpl.load_branch_weights(vpl.vit_tiny(), distilled)
     torch.save(vpl.resnet_tiny().state_dict(), tmp_path / "cnn.pt")
     with pytest.raises(vpl.UserError, match=f"^--init-vit {re.escape(str(tmp_path))}/cnn.pt: weights do not fit"):
         vpl.load_initial_weights(vpl.Config(init_vit=str(tmp_path / "cnn.pt")),

@@ -36,7 +36,7 @@ class Config:
     demo_train: int = option(2500, "images in the demo's train split")
     demo_val: int = option(1000, "images in the demo's val split")
     img_size: int = option(32, "image side, pixels")
-    workers: int = option(2, "data loading processes per GPU")
+    workers: int = option(2, "data loading workers per training process")
     # models
     vit: str = option("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
     cnn: str = option("resnet_tiny", "partner branch (a ViT gives the ViT+ViT ablation)",
@@ -60,7 +60,7 @@ class Config:
     label_smoothing: float = option(0.1, "label smoothing of every cross-entropy")
     mixup: float = option(0.0, "MixUp alpha (0: off)")
     cutmix: float = option(0.0, "CutMix alpha (0: off)")
-    randaug: int = option(0, "RandAugment magnitude, 0-10 as DeiT's 'rand-m9' (0: off)")
+    randaug: int = option(0, "RandAugment magnitude, 0-10 (DeiT's 'rand-m9' is 9; 0: off)")
     repeat_aug: int = option(1, "repeated augmentation: N copies of 1/N of the images an epoch")
     reprob: float = option(0.0, "RandomErasing probability")
     ema: float = option(0.0, "EMA decay per step of the whole pair (0: off)")
@@ -211,7 +211,9 @@ def resize_pos_embed(pos_embed, grid):
     """Bicubic resize of a (1, 1 + g*g, C) position embedding to grid x grid; the cls slot is kept.
     For weights made at another image size (fine-tuning at 384 px, say)."""
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
-    old = int(math.sqrt(patches.shape[1]))
+    old = math.isqrt(patches.shape[1])
+    if old * old != patches.shape[1]:  # DeiT's distilled ViTs, say, have a second token
+        raise ValueError(f"pos_embed of {pos_embed.shape[1]} tokens is not 1 + a square grid")
     patches = patches.reshape(1, old, old, -1).permute(0, 3, 1, 2)  # (1, N, C) -> (1, C, g, g)
     patches = F.interpolate(patches.float(), size=(grid, grid), mode="bicubic", align_corners=False)
     patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)  # back to (1, N, C)
@@ -309,7 +311,8 @@ class Bottleneck(nn.Module):
 
 class ResNet(nn.Module):
     """ResNet of Bottleneck blocks, with timm's forward_features/forward_head. `small_stem`
-    swaps the 7x7/2 conv and max-pool for one 3x3/2 conv (32 px); `width`: stem channels (64)."""
+    swaps the 7x7/2 conv and max-pool for one 3x3/2 conv (32 px; its maps are twice as large);
+    `width`: stem channels (64)."""
     def __init__(self, layers=(3, 4, 6, 3), num_classes=1000, width=64, small_stem=False):
         super().__init__()
         self.conv1 = (conv3x3(3, width, 2) if small_stem
@@ -340,7 +343,7 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward_features(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))      # (B, w, H/4, W/4); small: H/2
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))      # (B, w, H/4, W/4)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (B, 32w, H/32, W/32)
 
     def forward_head(self, x, pre_logits=False):
@@ -557,8 +560,9 @@ def build_transforms(cfg, from_files):
                v2.CenterCrop(size)]
     else:  # no flip: the demo's glyphs are chiral, a mirrored glyph is another shape
         train, val = [v2.RandomCrop(size, padding=size // 8)], []
-    # RandAugment as DeiT's rand-m9: two ops, each applied with probability 0.5, magnitude 9 of 10
-    # (torchvision's default scale is 30); mean-colour fill; bicubic on files, bilinear on tensors
+    # RandAugment close to DeiT's rand-m9-mstd0.5: two ops, each applied with probability 0.5, at
+    # magnitude 9 of 10 (torchvision's default scale is 30), without the magnitude noise and timm's
+    # own op set; mean-colour fill; bicubic on files, bilinear on tensors
     fill = [round(255 * m) for m in MEAN]
     op = v2.RandAugment(1, cfg.randaug, 11, fill=fill,
                         interpolation=bicubic if from_files else InterpolationMode.BILINEAR)
@@ -689,17 +693,16 @@ def load_branch_weights(model, state_dict):
         state_dict = state_dict[key] if isinstance(state_dict.get(key), dict) else state_dict
     if "conv_proj.weight" in state_dict:
         state_dict = vit_from_torchvision(state_dict)
-    own = model.state_dict()
-    if "pos_embed" in own and "pos_embed" in state_dict and \
-            state_dict["pos_embed"].shape != own["pos_embed"].shape:
-        resized = resize_pos_embed(state_dict["pos_embed"], model.grid)  # another image size
-        state_dict = {**state_dict, "pos_embed": resized}
-    heads = ("head.", "fc.")
+    own, heads = model.state_dict(), ("head.", "fc.")
     state_dict = {k: v for k, v in state_dict.items()
                   if not (k.startswith(heads) and k in own and v.shape != own[k].shape)}
     try:
+        if "pos_embed" in own and "pos_embed" in state_dict and \
+                state_dict["pos_embed"].shape != own["pos_embed"].shape:
+            resized = resize_pos_embed(state_dict["pos_embed"], model.grid)  # another image size
+            state_dict = {**state_dict, "pos_embed": resized}
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    except (RuntimeError, KeyError) as e:  # shapes that differ: another architecture
+    except (RuntimeError, KeyError, ValueError) as e:  # shapes that differ: another architecture
         detail = str(e).splitlines()[-1].strip()
         raise UserError(f"weights do not fit the branch ({detail})") from None
     if unexpected or [k for k in missing if not k.startswith(heads)]:
@@ -826,6 +829,8 @@ class Job:
     log: object                # print on rank 0, silent elsewhere
     model: nn.Module = None    # the pair as it trains: in DDP, compiled
     ema: PairModel = None
+    ema_tensors: list = None   # [the EMA's state tensors, the pair's], in the same order
+    ema_decay: float = 0.0
     mix: object = None         # MixUp/CutMix
     step: int = 0              # optimizer steps done
     stop_asked: bool = False   # by SIGTERM or Ctrl-C
@@ -866,7 +871,7 @@ def train_epoch(job, epoch):
             meter.add(loss, terms)
         optimizer_step([optimizer for optimizer, _, _ in job.optimizers], job.scaler, cfg.clip_grad)
         if job.ema is not None:
-            ema_update(*job.ema_tensors, cfg.ema)
+            ema_update(*job.ema_tensors, job.ema_decay)
         job.step += 1
         limit = 0 < cfg.max_steps <= job.step < job.total_steps
         if job.step % cfg.log_every == 0 or job.step % spe == 0 or limit:
@@ -997,8 +1002,11 @@ def parts_to_save(job):
 
 def load_state(job, path, resume):
     """Resumes from `path` if `resume` (the weights; to train on, also the optimizers and this
-    rank's RNG state), after checking it fits (SAME_WEIGHTS, SAME_ORDER); adds the EMA."""
+    rank's RNG state), after checking it fits (SAME_WEIGHTS, SAME_ORDER), else loads the --init
+    weights; adds the EMA."""
     ckpt = load_checkpoint(path) if resume else {}
+    if not resume:  # --init weights; a resumed run has its own, and the files may be gone
+        load_initial_weights(job.cfg, job.pair)
     train = not job.cfg.eval_only
     if resume and "made" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of vpl.py")
@@ -1013,10 +1021,11 @@ def load_state(job, path, resume):
         job.ema = copy.deepcopy(job.pair).requires_grad_(False)
         job.ema.load_state_dict(ckpt.get("ema", job.pair.state_dict()))
         job.ema_tensors = [list(m.state_dict().values()) for m in (job.ema, job.pair)]
+        job.ema_decay = job.cfg.ema or ckpt["config"]["ema"]  # a resume without --ema keeps it
     if resume and train:
         job.step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"][job.rank]["cpu"])
-        if "cuda" in ckpt["rng"][job.rank]:
+        if "cuda" in ckpt["rng"][job.rank] and job.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"][job.rank]["cuda"])
     return ckpt
 
@@ -1133,11 +1142,13 @@ def bench(cfg, device, amp_dtype, compile_, log):
         f"{amp_dtype or 'off (fp32)'}, compile {compile_}")
     prepared = {}
     for name, (model, arch) in models.items():
+        held = torch.cuda.memory_allocated() if cuda else 0  # by the models prepared before
         model = model.to(device)
         optimizers = build_optimizers(cfg, model, B, cuda) if arch is None else \
             [build_optimizer(arch, model, cfg, B, cuda)]
-        prepared[name] = bench_step(model, [o for o, _, _ in optimizers], images, targets,
-                                    amp_dtype, compile_)
+        step, flops, memory = bench_step(model, [o for o, _, _ in optimizers], images, targets,
+                                         amp_dtype, compile_)
+        prepared[name] = step, flops, memory - held
     seconds = {name: [] for name in prepared}
     for _ in range(5):  # each model in turn: a drift of the machine's speed hits all alike
         for name, (step, _, _) in prepared.items():
@@ -1212,7 +1223,6 @@ def build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_class
     cuda = device.type == "cuda"
     pair = build_pair(cfg, num_classes)
     torch.manual_seed(cfg.seed + rank)
-    load_initial_weights(cfg, pair)
     if cfg.sync_bn and world > 1 and cuda:
         pair.cnn = nn.SyncBatchNorm.convert_sync_batchnorm(pair.cnn)
     global_batch = cfg.batch_size * cfg.accum_steps * world
@@ -1233,7 +1243,7 @@ def build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_class
 
 def describe(job, resume):
     """Prints the run's setup: processes, batches, precision, lrs, stages; and its checks."""
-    cfg, (vit_peak, cnn_peak) = job.cfg, (job.optimizers[0][1], job.optimizers[-1][1])
+    cfg, (vit_opt, vit_peak, _), (cnn_opt, cnn_peak, _) = job.cfg, *job.optimizers[::2]
     s1, s2, warmup = job.schedule.s1 * cfg.epochs, job.schedule.s2 * cfg.epochs, cfg.warmup_epochs
     job.log(f"resumed from {cfg.out}/last.pt at step {job.step}" if resume else
             "no checkpoint yet: starting afresh" if cfg.resume else f"training into {cfg.out}")
@@ -1247,8 +1257,9 @@ def describe(job, resume):
     job.log(f"processes {job.world}, batch {cfg.batch_size} x {cfg.accum_steps} accumulation = "
             f"global batch {job.made['global_batch']}; {job.steps_per_epoch} steps/epoch; amp "
             f"{job.amp_dtype or 'off (fp32)'}; device {job.device}")
-    job.log(f"lr: {cfg.vit} {vit_peak:.3g} (AdamW, {cfg.lr_vit} per 512), {cfg.cnn} {cnn_peak:.3g} "
-            f"(SGD, {cfg.lr_cnn} per 1024); warm-up {warmup:g} epochs, then cosine")
+    rules = {"AdamW": f"AdamW, {cfg.lr_vit} per 512", "SGD": f"SGD, {cfg.lr_cnn} per 1024"}
+    job.log(f"lr: {cfg.vit} {vit_peak:.3g} ({rules[type(vit_opt).__name__]}), {cfg.cnn} "
+            f"{cnn_peak:.3g} ({rules[type(cnn_opt).__name__]}); warm-up {warmup:g} epochs, cosine")
     job.log(f"stages: 1 warm-up epochs [0, {s1:g}), 2 pair [{s1:g}, {s2:g}) with a -> "
             f"{cfg.pair_weight}, 3 solo [{s2:g}, {cfg.epochs}]")
 
