@@ -251,6 +251,15 @@ def test_run_logs_every_field_and_draws_the_chart(reference_run):
     assert ckpt["step"] == 24 and len(ckpt["rng"]) == 1 and "ema" not in ckpt
 
 
+def test_a_stop_asked_at_the_last_step_ends_the_run_as_usual(tmp_path):
+    # the run is done: the end's report and the EMA's exports follow, not "continue with --resume"
+    with on_call(vpl, "optimizer_step", 24):
+        result = vpl_main(*TINY, "--ema", "0.9", "--out", str(tmp_path))
+    assert "stopped at" not in result.stdout and "best val top-1" in result.stdout
+    assert checkpoint(str(tmp_path))["step"] == 24 and [h["epoch"] for h in read_log(str(tmp_path))] == [0, 1]
+    assert os.path.exists(tmp_path / "vit_ema.pt") and os.path.exists(tmp_path / "cnn_ema.pt")
+
+
 def test_a_stop_by_max_steps_at_an_epochs_end_logs_it_and_the_resume_is_bit_identical_without_stale_log_lines(
         reference_run, tmp_path):
     out, reference = str(tmp_path), reference_run[0]
@@ -579,14 +588,15 @@ def bad_input(tmp_path_factory, reference_run):  # a fixture: the unit tests' ra
         "no class folders": ("no_classes: train: Couldn't find any class folder", ["--data", str(d / "no_classes")]),
         "one class": ("one_class: train has 1 class folder, a classifier needs 2", ["--data", str(d / "one_class")]),
         "a class without images": ("val: Found no valid file for the classes bee", ["--data", str(d / "no_images")]),
-        "val classes differ": ("the class folders of train and val differ", ["--data", str(d / "mismatch")]),
+        "val classes differ": ("the class folders of train and val differ (only in train: ['bee'], only in val: "
+                               "['wasp'])", ["--data", str(d / "mismatch")]),
         "pair weight": ("--pair-weight must be in [0, 1], got 1.5", ["--pair-weight", "1.5"]),
         "stages": ("--stages must satisfy 0 <= S1 <= S2 <= 1", ["--stages", "0.9,0.1"]),
         "stages not two numbers": ("--stages must be two fractions", ["--stages", "0.5"]),
         "temperature": ("--pair-temp must be ", ["--pair-temp", "0"]),
         "infinite temperature": ("--pair-temp must be a finite number", ["--pair-temp", "inf"]),
         "teacher": ("invalid choice: 'both'", ["--teacher", "both"]),
-        "batch size": ("--batch-size must be in [1, inf], got 0", ["--batch-size", "0"]),
+        "batch size": ("--batch-size must be in [2, inf], got 1", ["--batch-size", "1"]),  # BatchNorm needs 2
         "accumulation": ("--accum-steps must be in [1, inf], got 0", ["--accum-steps", "0"]),
         "unknown preset": ("invalid choice: 'huge'", ["--preset", "huge"]),
         "unknown flag": ("unrecognized arguments: --epoch", ["--epoch", "3"]),

@@ -93,9 +93,10 @@ PRESETS = {
                      lr_vit=5e-4, lr_cnn=0.5, wd_cnn=2e-5, warmup_epochs=5.0, mixup=0.8,
                      cutmix=1.0, randaug=9, reprob=0.25, repeat_aug=3),
 }
-# Each numeric flag's range [low, high]; every value must also be finite.
+# Each numeric flag's range [low, high]; every value must also be finite. A batch of 2 at least:
+# training BatchNorm needs two values per channel.
 INF = math.inf
-BOUNDS = {"epochs": (1, INF), "batch_size": (1, INF), "accum_steps": (1, INF), "img_size": (1, INF),
+BOUNDS = {"epochs": (1, INF), "batch_size": (2, INF), "accum_steps": (1, INF), "img_size": (1, INF),
           "demo_train": (1, INF), "demo_val": (1, INF), "repeat_aug": (1, INF),
           "log_every": (1, INF), "max_steps": (0, INF), "workers": (0, INF), "lr_vit": (0, INF),
           "lr_cnn": (0, INF), "min_lr_vit": (0, INF), "wd_vit": (0, INF), "wd_cnn": (0, INF),
@@ -587,8 +588,10 @@ def image_folders(root):
             raise UserError(f"--data {root}: {split}: {str(e).split('. Supported')[0]}") from None
         if len(splits[-1].classes) < 2:
             raise UserError(f"--data {root}: {split} has 1 class folder, a classifier needs 2")
-    if splits[0].classes != splits[1].classes:
-        raise UserError(f"--data {root}: the class folders of train and val differ")
+    train, val = (set(split.classes) for split in splits)
+    if train != val:  # ImageNet has 1,000: name the odd ones, a stray folder, say
+        raise UserError(f"--data {root}: the class folders of train and val differ (only in train: "
+                        f"{sorted(train - val)[:3]}, only in val: {sorted(val - train)[:3]})")
     return splits
 
 def build_datasets(cfg):
@@ -1299,7 +1302,7 @@ def run(cfg):
                 if job.step % job.steps_per_epoch == 0:  # the epoch's steps are done: evaluate
                     finish_epoch(job, epoch, stats, history)
                 save_checkpoint(job, ckpt_path, history)
-                if stop:
+                if stop and job.step < job.total_steps:  # a stop at the last step is the end
                     log(f"stopped at step {job.step} ({stop}); saved {ckpt_path}; continue "
                         "with --resume")
                     return 0
