@@ -645,6 +645,8 @@ def bad_input(tmp_path_factory, reference_run):  # a fixture: the unit tests' ra
         "resume with another data order": ("made with repeat aug 1, not 2",
                                            ["--resume", "--out", str(other), "--repeat-aug", "2"]),
         "resume with another seed": ("made with seed 0, not 3", ["--resume", "--out", str(other), "--seed", "3"]),
+        "evaluate the demo of another seed": ("made with seed 0, not 3",  # another seed draws other classes
+                                              ["--eval-only", "--out", str(other), "--seed", "3"]),
         "resume on fewer demo images": ("made with train images 384, not 200",
                                         ["--resume", "--out", str(other), "--demo-train", "200"]),
         "resume in another number of processes": ("made with world 2, not 1",

@@ -904,7 +904,8 @@ class Meter:
                 targets.to(self.job.device, non_blocking=True))
 
     def add(self, loss, terms):
-        self.sums += torch.stack([loss, *terms.values()]).detach() / self.job.cfg.accum_steps
+        summed = [loss, *(terms[name] for name in self.names[1:])]  # by name, not dict order
+        self.sums += torch.stack(summed).detach() / self.job.cfg.accum_steps
 
     def report(self, stage, a, lrs):
         """Prints the epoch's means so far; returns 'error' for a non-finite loss or too many
@@ -1013,7 +1014,8 @@ def load_state(job, path, resume):
     train = not job.cfg.eval_only
     if resume and "made" not in ckpt:
         raise UserError(f"{path}: not a checkpoint of vpl.py")
-    for key in (SAME_WEIGHTS + (SAME_ORDER if train else ())) if resume else ():
+    demo = ("seed",) if job.cfg.data == "demo" else ()  # the demo's seed draws its classes
+    for key in (SAME_WEIGHTS + (SAME_ORDER if train else demo)) if resume else ():
         if ckpt["made"][key] != job.made[key]:
             raise UserError(f"{path} was made with {key.replace('_', ' ')} {ckpt['made'][key]}, "
                             f"not {job.made[key]}")
