@@ -876,7 +876,7 @@ def train_epoch(job, epoch):
         if job.ema is not None:
             ema_update(*job.ema_tensors, job.ema_decay)
         job.step += 1
-        limit = 0 < cfg.max_steps <= job.step < job.total_steps
+        limit = 0 < cfg.max_steps <= job.step
         if job.step % cfg.log_every == 0 or job.step % spe == 0 or limit:
             stop = meter.report(stage, a, lrs) or ("max_steps" if limit else None)
             if stop:
@@ -1248,7 +1248,7 @@ def build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_class
 
 def describe(job, resume):
     """Prints the run's setup: processes, batches, precision, lrs, stages; and its checks."""
-    cfg, (vit_opt, vit_peak, _), (cnn_opt, cnn_peak, _) = job.cfg, *job.optimizers[::2]
+    cfg, ((vit_opt, vit_peak, _), _, (cnn_opt, cnn_peak, _)) = job.cfg, job.optimizers
     s1, s2, warmup = job.schedule.s1 * cfg.epochs, job.schedule.s2 * cfg.epochs, cfg.warmup_epochs
     job.log(f"resumed from {cfg.out}/last.pt at step {job.step}" if resume else
             "no checkpoint yet: starting afresh" if cfg.resume else f"training into {cfg.out}")
