@@ -15,6 +15,7 @@ import signal
 import struct
 import subprocess
 import sys
+import urllib.error
 import zlib
 
 import pytest
@@ -387,22 +388,28 @@ def test_accumulation_ema_mixup_clipping_and_fp16_resume_bit_identically(tmp_pat
         assert value == pytest.approx(log[-1][key], abs=1e-9), key
 
 
-def test_a_resume_may_add_an_ema_keep_its_decay_without_the_flag_and_start_fp16s_scaler_afresh(
+def test_a_resume_may_add_an_ema_keep_its_decay_without_the_flag_change_weight_decay_and_start_fp16s_scaler_afresh(
         reference_run, tmp_path):
     # fp32's scaler state is empty (scale 1): loaded into an fp16 run, small fp16 gradients would flush to zero
     out = str(tmp_path / "run")
     shutil.copytree(reference_run[0], out)  # made with --amp off, without EMA
-    vpl_main(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "25", "--ema", "0.5", "--amp", "fp16")
+    vpl_main(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "25", "--ema", "0.5", "--amp", "fp16",
+             "--wd-vit", "0.3", "--wd-cnn", "0.001")
     resumed, after = model_state(reference_run[0]), checkpoint(out)
     assert after["step"] == 25 and after["scaler"]["scale"] >= 2.0 ** 10
     for key, ema in after["ema"].items():  # one step of decay 0.5: halfway from the resumed to the new weights
         if ema.is_floating_point():
             assert torch.allclose(ema, (resumed[key] + after["model"][key]) / 2, atol=1e-6), key
-    vpl_main(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", "26", "--amp", "fp16")
-    last = checkpoint(out)  # a resume without --ema goes on with the checkpoint's decay
-    for key, ema in last["ema"].items():
-        if ema.is_floating_point():
-            assert torch.allclose(ema, (after["ema"][key] + last["model"][key]) / 2, atol=1e-6), key
+    for name, decay in (("opt_vit", 0.3), ("opt_pair", 0.3), ("opt_cnn", 0.001)):  # the new flags, the old moments
+        assert [g["weight_decay"] for g in after[name]["param_groups"]] == [decay, 0.0], name
+    assert after["opt_vit"]["state"][0]["step"] == 25
+    for steps in (26, 27):  # each resume without --ema goes on with the checkpoint's decay
+        before = checkpoint(out)
+        vpl_main(*TINY, "--out", out, "--resume", "--epochs", "3", "--max-steps", str(steps), "--amp", "fp16")
+        last = checkpoint(out)
+        for key, ema in last["ema"].items():
+            if ema.is_floating_point():
+                assert torch.allclose(ema, (before["ema"][key] + last["model"][key]) / 2, atol=1e-6), key
 
 
 def test_eval_only_reproduces_the_logged_accuracies_and_leaves_the_log_alone(reference_run, tmp_path):
@@ -624,6 +631,8 @@ def bad_input(tmp_path_factory, reference_run):  # a fixture: the unit tests' ra
         "init from nowhere": ("nowhere.pt: no such checkpoint", ["--init-cnn", str(d / "nowhere.pt")]),
         "init a CNN from a ViT": (f"--init-cnn {other / 'vit.pt'}: weights do not fit the branch",
                                   ["--init-cnn", str(other / "vit.pt")]),
+        "init torchvision on other models": ("--init torchvision holds a ViT-B/16 and a ResNet-50: it needs --vit "
+                                             "vit_b_16 --cnn resnet50", ["--init", "torchvision"]),
         "init a ViT from a ResNet": (f"--init-vit {other / 'cnn.pt'}: weights do not fit the branch",
                                      ["--init-vit", str(other / "cnn.pt")]),
         "out is a file": ("cannot make that folder", ["--out", str(d / "a_file")]),
@@ -675,6 +684,17 @@ def test_bad_input_gives_one_line_and_exit_code_2(bad_input, reference_run):
     assert failures == []
     assert (other / "last.pt").read_bytes() == open(os.path.join(reference_run[0], "last.pt"), "rb").read()
     assert read_log(str(other)) == read_log(reference_run[0])
+
+
+def test_init_torchvision_without_network_is_one_line(tmp_path, monkeypatch):
+    def offline(**kwargs):  # what torch.hub raises on a compute node without network
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(torchvision.models, "vit_b_16", offline)
+    result = vpl_main(*TINY, "--vit", "vit_b_16", "--cnn", "resnet50", "--init", "torchvision", "--out",
+                      str(tmp_path), check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("vpl: error: --init torchvision: cannot download the weights (<urlopen error "
+                                     "no network>); download them once where there is network (into $TORCH_HOME)")
 
 
 @pytest.mark.parametrize("poisoned,terms", [

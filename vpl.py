@@ -145,6 +145,9 @@ def check_config(cfg):
     if cfg.img_size % patch:
         raise UserError(f"--img-size {cfg.img_size} must be a multiple of the ViT's patch size "
                         f"({patch})")
+    if cfg.init and (cfg.vit, cfg.cnn) != ("vit_b_16", "resnet50"):
+        raise UserError("--init torchvision holds a ViT-B/16 and a ResNet-50: it needs --vit "
+                        "vit_b_16 --cnn resnet50")
     try:
         PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp)  # built here only to check --stages
     except ValueError as e:
@@ -717,8 +720,14 @@ def load_initial_weights(cfg, pair):
     --init-cnn): a branch's weights, or a vpl last.pt, whose pair gives the branch of that side."""
     if cfg.init == "torchvision":
         import torchvision
-        load_branch_weights(pair.vit, torchvision.models.vit_b_16(weights="DEFAULT").state_dict())
-        load_branch_weights(pair.cnn, torchvision.models.resnet50(weights="DEFAULT").state_dict())
+        try:
+            vit, cnn = (torchvision.models.vit_b_16(weights="DEFAULT"),
+                        torchvision.models.resnet50(weights="DEFAULT"))
+        except OSError as e:  # no network, as on many clusters' compute nodes
+            raise UserError(f"--init torchvision: cannot download the weights ({e}); download them "
+                            "once where there is network (into $TORCH_HOME)") from None
+        load_branch_weights(pair.vit, vit.state_dict())
+        load_branch_weights(pair.cnn, cnn.state_dict())
     for path, side in ((cfg.init_vit, "vit"), (cfg.init_cnn, "cnn")):
         if path:
             state = load_checkpoint(path)
@@ -753,7 +762,7 @@ def cpu_state(module):
 
 # ----------------------------------------------------------------------- training and evaluation
 def param_groups(module, weight_decay):
-    """No weight decay on norms, biases and tokens (DeiT, torchvision); decay on the rest."""
+    """No weight decay on norms, biases and tokens (DeiT; torchvision's recipe decays biases)."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
@@ -833,7 +842,6 @@ class Job:
     model: nn.Module = None    # the pair as it trains: in DDP, compiled
     ema: PairModel = None
     ema_tensors: list = None   # [the EMA's state tensors, the pair's], in the same order
-    ema_decay: float = 0.0
     mix: object = None         # MixUp/CutMix
     step: int = 0              # optimizer steps done
     stop_asked: bool = False   # by SIGTERM or Ctrl-C
@@ -874,7 +882,7 @@ def train_epoch(job, epoch):
             meter.add(loss, terms)
         optimizer_step([optimizer for optimizer, _, _ in job.optimizers], job.scaler, cfg.clip_grad)
         if job.ema is not None:
-            ema_update(*job.ema_tensors, job.ema_decay)
+            ema_update(*job.ema_tensors, cfg.ema)
         job.step += 1
         limit = 0 < cfg.max_steps <= job.step
         if job.step % cfg.log_every == 0 or job.step % spe == 0 or limit:
@@ -1021,12 +1029,17 @@ def load_state(job, path, resume):
                             f"not {job.made[key]}")
     for name, part in parts_to_save(job).items():
         if ckpt.get(name) and (train or name == "model"):  # fp32's GradScaler state is empty
+            flags = [{k: v for k, v in g.items() if k != "params"} for g in
+                     getattr(part, "param_groups", [])]  # an optimizer's: this run's flags
             part.load_state_dict(ckpt[name])
+            for group, own in zip(getattr(part, "param_groups", []), flags):
+                group.update(own)  # the saved state, this run's weight decay (and fused or not)
     if "ema" in ckpt or (job.cfg.ema > 0 and train):  # a new EMA starts from the resumed weights
         job.ema = copy.deepcopy(job.pair).requires_grad_(False)
         job.ema.load_state_dict(ckpt.get("ema", job.pair.state_dict()))
         job.ema_tensors = [list(m.state_dict().values()) for m in (job.ema, job.pair)]
-        job.ema_decay = job.cfg.ema or ckpt["config"]["ema"]  # a resume without --ema keeps it
+        # a resume without --ema keeps the checkpoint's decay; the config then records it
+        job.cfg.ema = job.cfg.ema or ckpt["config"]["ema"]
     if resume and train:
         job.step = ckpt["step"]
         torch.set_rng_state(ckpt["rng"][job.rank]["cpu"])
