@@ -221,6 +221,16 @@ def test_demo_data_is_a_function_of_the_seed():
     assert len(a[1].unique()) > 5
 
 
+def test_demo_train_labels_are_redrawn_at_their_share_and_val_labels_stay_true():
+    images, labels = vpl.make_demo(2500, 0)
+    for noise in (0.0, 0.3):
+        train, val, _ = vpl.build_datasets(vpl.parse_config(["--demo-train", "2000", "--demo-val", "500",
+                                                             "--demo-noise", str(noise)]))
+        assert torch.equal(train.base.tensors[0], images[:2000]) and torch.equal(val.base.tensors[1], labels[2000:])
+        wrong = (train.base.tensors[1] != labels[:2000]).float().mean().item()
+        assert abs(wrong - noise * 0.9) < 0.03  # a redrawn label is the true one 1 time in 10
+
+
 def test_run_logs_every_field_and_draws_the_chart(reference_run):
     out, stdout = reference_run
     log = read_log(out)
@@ -328,7 +338,8 @@ def test_the_loop_steps_with_the_lr_pair_weight_data_order_and_accumulation_comp
     monkeypatch.setattr(vpl.PairLoss, "forward", spy_forward)
     monkeypatch.setattr(vpl, "optimizer_step", spy_optimizer_step)
     out = str(tmp_path)
-    vpl_main(*TINY, "--demo-train", "192", "--demo-val", "20", "--batch-size", "16", "--accum-steps", "2", "--out", out)
+    vpl_main(*TINY, "--demo-train", "192", "--demo-val", "20", "--demo-noise", "0", "--batch-size", "16", "--accum-steps",
+             "2", "--out", out)  # the labels as make_demo draws them
 
     def lr(step, peak, final):
         if step < 6:

@@ -35,6 +35,8 @@ class Config:
     data: str = option("demo", "'demo' (built in) or an ImageFolder root with train/ and val/")
     demo_train: int = option(2500, "images in the demo's train split")
     demo_val: int = option(1000, "images in the demo's val split")
+    demo_noise: float = option(0.15, "share of the demo's train labels redrawn at random, as real "
+                               "labels hold errors (val labels stay true)")
     img_size: int = option(32, "image side, pixels")
     workers: int = option(2, "data loading workers per training process")
     # models
@@ -103,7 +105,7 @@ BOUNDS = {"epochs": (1, INF), "batch_size": (2, INF), "accum_steps": (1, INF), "
           "warmup_epochs": (0, INF), "clip_grad": (0, INF), "mixup": (0, INF), "cutmix": (0, INF),
           "randaug": (0, 10), "reprob": (0, 1), "seed": (0, 2 ** 32 - 1), "pair_weight": (0, 1),
           "ramp": (0, 1), "label_smoothing": (0, 0.999), "drop_path": (0, 0.999),
-          "ema": (0, 0.999999), "pair_temp": (0.01, 100)}
+          "ema": (0, 0.999999), "pair_temp": (0.01, 100), "demo_noise": (0, 1)}
 
 class UserError(Exception):
     """Bad input: main() prints it as one line and exits with code 2, without a traceback."""
@@ -601,8 +603,10 @@ def build_datasets(cfg):
     """(train, val, number of classes), as Augmented datasets: the demo or an ImageFolder root."""
     if cfg.data == "demo":
         images, labels = make_demo(cfg.demo_train + cfg.demo_val, cfg.seed, cfg.img_size)
-        n = cfg.demo_train
-        train, val = TensorDataset(images[:n], labels[:n]), TensorDataset(images[n:], labels[n:])
+        n, g = cfg.demo_train, torch.Generator().manual_seed(cfg.seed + 777)  # a stream of its own
+        redrawn = torch.rand(n, generator=g) < cfg.demo_noise  # some land on the true class again
+        noisy = torch.where(redrawn, torch.randint(10, (n,), generator=g), labels[:n])
+        train, val = TensorDataset(images[:n], noisy), TensorDataset(images[n:], labels[n:])
     else:
         train, val = image_folders(cfg.data)
     classes = 10 if cfg.data == "demo" else len(train.classes)
