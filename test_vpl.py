@@ -222,13 +222,18 @@ def test_demo_data_is_a_function_of_the_seed():
 
 
 def test_demo_train_labels_are_redrawn_at_their_share_and_val_labels_stay_true():
-    images, labels = vpl.make_demo(2500, 0)
-    for noise in (0.0, 0.3):
-        train, val, _ = vpl.build_datasets(vpl.parse_config(["--demo-train", "2000", "--demo-val", "500",
-                                                             "--demo-noise", str(noise)]))
-        assert torch.equal(train.base.tensors[0], images[:2000]) and torch.equal(val.base.tensors[1], labels[2000:])
-        wrong = (train.base.tensors[1] != labels[:2000]).float().mean().item()
-        assert abs(wrong - noise * 0.9) < 0.03  # a redrawn label is the true one 1 time in 10
+    for classes in (10, 20):  # 10: the default
+        images, labels = vpl.make_demo(2500, 0, 32, classes)
+        assert labels.unique().tolist() == list(range(classes))
+        for noise in (0.0, 0.3):
+            flags = ["--demo-train", "2000", "--demo-val", "500", "--demo-noise", str(noise)]
+            flags += ["--demo-classes", "20"] if classes == 20 else []
+            train, val, k = vpl.build_datasets(vpl.parse_config(flags))
+            assert k == classes and torch.equal(train.base.tensors[0], images[:2000])
+            assert torch.equal(val.base.tensors[1], labels[2000:])
+            assert train.base.tensors[1].unique().tolist() == list(range(classes))  # redrawn among all classes
+            wrong = (train.base.tensors[1] != labels[:2000]).float().mean().item()
+            assert abs(wrong - noise * (1 - 1 / classes)) < 0.03  # a redrawn label is the true one 1 time in k
 
 
 def test_run_logs_every_field_and_draws_the_chart(reference_run):
@@ -628,6 +633,7 @@ def bad_input(tmp_path_factory, reference_run):  # a fixture: the unit tests' ra
         "warm-up of NaN": ("--warmup-epochs must be a finite number", ["--warmup-epochs", "nan"]),
         "seed beyond 32 bits": ("--seed must be in [0, 4294967295]", ["--seed", "99999999999999999999"]),
         "no val images": ("--demo-val must be in [1, inf], got 0", ["--demo-val", "0"]),
+        "one demo class": ("--demo-classes must be in [2, inf], got 1", ["--demo-classes", "1"]),
         "negative train images": ("--demo-train must be in [1, inf], got -5", ["--demo-train", "-5"]),
         "size not a multiple of the patch": ("--img-size 30 must be a multiple of the ViT's patch size (4)",
                                              ["--img-size", "30"]),
@@ -669,6 +675,8 @@ def bad_input(tmp_path_factory, reference_run):  # a fixture: the unit tests' ra
                                               ["--eval-only", "--out", str(other), "--seed", "3"]),
         "resume on fewer demo images": ("made with train images 384, not 200",
                                         ["--resume", "--out", str(other), "--demo-train", "200"]),
+        "resume on more demo classes": ("made with classes 10, not 20",
+                                        ["--resume", "--out", str(other), "--demo-classes", "20"]),
         "resume in another number of processes": ("made with world 2, not 1",
                                                   ["--resume", "--out", str(d / "two_processes")]),
         "resume with fewer epochs": ("last.pt has trained 24 steps, more than --epochs 1 hold (12)",

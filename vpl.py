@@ -35,6 +35,7 @@ class Config:
     data: str = option("demo", "'demo' (built in) or an ImageFolder root with train/ and val/")
     demo_train: int = option(2500, "images in the demo's train split")
     demo_val: int = option(1000, "images in the demo's val split")
+    demo_classes: int = option(10, "classes of the demo: one random glyph each")
     demo_noise: float = option(0.15, "share of the demo's train labels redrawn at random, as real "
                                "labels hold errors (val labels stay true)")
     img_size: int = option(32, "image side, pixels")
@@ -99,13 +100,14 @@ PRESETS = {
 # training BatchNorm needs two values per channel.
 INF = math.inf
 BOUNDS = {"epochs": (1, INF), "batch_size": (2, INF), "accum_steps": (1, INF), "img_size": (1, INF),
-          "demo_train": (1, INF), "demo_val": (1, INF), "repeat_aug": (1, INF),
-          "log_every": (1, INF), "max_steps": (0, INF), "workers": (0, INF), "lr_vit": (0, INF),
-          "lr_cnn": (0, INF), "min_lr_vit": (0, INF), "wd_vit": (0, INF), "wd_cnn": (0, INF),
-          "warmup_epochs": (0, INF), "clip_grad": (0, INF), "mixup": (0, INF), "cutmix": (0, INF),
-          "randaug": (0, 10), "reprob": (0, 1), "seed": (0, 2 ** 32 - 1), "pair_weight": (0, 1),
-          "ramp": (0, 1), "label_smoothing": (0, 0.999), "drop_path": (0, 0.999),
-          "ema": (0, 0.999999), "pair_temp": (0.01, 100), "demo_noise": (0, 1)}
+          "demo_train": (1, INF), "demo_val": (1, INF), "demo_classes": (2, INF),
+          "repeat_aug": (1, INF), "log_every": (1, INF), "max_steps": (0, INF), "workers": (0, INF),
+          "lr_vit": (0, INF), "lr_cnn": (0, INF), "min_lr_vit": (0, INF), "wd_vit": (0, INF),
+          "wd_cnn": (0, INF), "warmup_epochs": (0, INF), "clip_grad": (0, INF), "mixup": (0, INF),
+          "cutmix": (0, INF), "randaug": (0, 10), "reprob": (0, 1), "seed": (0, 2 ** 32 - 1),
+          "pair_weight": (0, 1), "ramp": (0, 1), "label_smoothing": (0, 0.999),
+          "drop_path": (0, 0.999), "ema": (0, 0.999999), "pair_temp": (0.01, 100),
+          "demo_noise": (0, 1)}
 
 class UserError(Exception):
     """Bad input: main() prints it as one line and exits with code 2, without a traceback."""
@@ -602,14 +604,15 @@ def image_folders(root):
 def build_datasets(cfg):
     """(train, val, number of classes), as Augmented datasets: the demo or an ImageFolder root."""
     if cfg.data == "demo":
-        images, labels = make_demo(cfg.demo_train + cfg.demo_val, cfg.seed, cfg.img_size)
+        k = cfg.demo_classes
+        images, labels = make_demo(cfg.demo_train + cfg.demo_val, cfg.seed, cfg.img_size, k)
         n, g = cfg.demo_train, torch.Generator().manual_seed(cfg.seed + 777)  # a stream of its own
         redrawn = torch.rand(n, generator=g) < cfg.demo_noise  # some land on the true class again
-        noisy = torch.where(redrawn, torch.randint(10, (n,), generator=g), labels[:n])
+        noisy = torch.where(redrawn, torch.randint(k, (n,), generator=g), labels[:n])
         train, val = TensorDataset(images[:n], noisy), TensorDataset(images[n:], labels[n:])
     else:
         train, val = image_folders(cfg.data)
-    classes = 10 if cfg.data == "demo" else len(train.classes)
+    classes = cfg.demo_classes if cfg.data == "demo" else len(train.classes)
     train_tf, val_tf = build_transforms(cfg, from_files=cfg.data != "demo")
     return Augmented(train, train_tf, cfg.seed), Augmented(val, val_tf, cfg.seed), classes
 
@@ -1146,7 +1149,7 @@ def bench(cfg, device, amp_dtype, compile_, log):
     peak memory and MFU."""
     import torchvision
     B, cuda = cfg.batch_size, device.type == "cuda"
-    classes = 1000 if cfg.preset == "imagenet" else 10
+    classes = 1000 if cfg.preset == "imagenet" else cfg.demo_classes
     images = torch.randn(B, 3, cfg.img_size, cfg.img_size, device=device)
     targets = torch.randint(classes, (B,), device=device)
     branch = lambda arch: build_branch(arch, classes, cfg.img_size, cfg.drop_path)  # noqa: E731
