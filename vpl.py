@@ -604,15 +604,15 @@ def image_folders(root):
 def build_datasets(cfg):
     """(train, val, number of classes), as Augmented datasets: the demo or an ImageFolder root."""
     if cfg.data == "demo":
-        k = cfg.demo_classes
-        images, labels = make_demo(cfg.demo_train + cfg.demo_val, cfg.seed, cfg.img_size, k)
+        classes = cfg.demo_classes
+        images, labels = make_demo(cfg.demo_train + cfg.demo_val, cfg.seed, cfg.img_size, classes)
         n, g = cfg.demo_train, torch.Generator().manual_seed(cfg.seed + 777)  # a stream of its own
         redrawn = torch.rand(n, generator=g) < cfg.demo_noise  # some land on the true class again
-        noisy = torch.where(redrawn, torch.randint(k, (n,), generator=g), labels[:n])
+        noisy = torch.where(redrawn, torch.randint(classes, (n,), generator=g), labels[:n])
         train, val = TensorDataset(images[:n], noisy), TensorDataset(images[n:], labels[n:])
     else:
         train, val = image_folders(cfg.data)
-    classes = cfg.demo_classes if cfg.data == "demo" else len(train.classes)
+        classes = len(train.classes)
     train_tf, val_tf = build_transforms(cfg, from_files=cfg.data != "demo")
     return Augmented(train, train_tf, cfg.seed), Augmented(val, val_tf, cfg.seed), classes
 
