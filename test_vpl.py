@@ -29,9 +29,9 @@ import vpl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VPL = os.path.join(HERE, "vpl.py")
-# A tiny demo run: 12 steps per epoch, 2 epochs, the three stages all visited.
-TINY = ["--demo-train", "384", "--demo-val", "100", "--batch-size", "32", "--epochs", "2", "--workers", "0",
-        "--log-every", "1", "--stages", "0.25,0.75", "--ramp", "0.1"]
+# A tiny demo run: 10 classes, 12 steps per epoch, 2 epochs, the three stages all visited.
+TINY = ["--demo-classes", "10", "--demo-train", "384", "--demo-val", "100", "--batch-size", "32", "--epochs", "2",
+        "--workers", "0", "--log-every", "1", "--stages", "0.25,0.75", "--ramp", "0.1"]
 TIMINGS = ("img_per_s", "time_s")
 
 
@@ -222,12 +222,12 @@ def test_demo_data_is_a_function_of_the_seed():
 
 
 def test_demo_train_labels_are_redrawn_at_their_share_and_val_labels_stay_true():
-    for classes in (10, 20):  # 10: the default
+    for classes in (10, 20):  # 20: the default
         images, labels = vpl.make_demo(2500, 0, 32, classes)
         assert labels.unique().tolist() == list(range(classes))
         for noise in (0.0, 0.3):
             flags = ["--demo-train", "2000", "--demo-val", "500", "--demo-noise", str(noise)]
-            flags += ["--demo-classes", "20"] if classes == 20 else []
+            flags += ["--demo-classes", "10"] if classes == 10 else []
             train, val, k = vpl.build_datasets(vpl.parse_config(flags))
             assert k == classes and torch.equal(train.base.tensors[0], images[:2000])
             assert torch.equal(val.base.tensors[1], labels[2000:])

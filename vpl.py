@@ -33,9 +33,9 @@ class Config:
                          ["", "demo", "imagenet"])
     # data
     data: str = option("demo", "'demo' (built in) or an ImageFolder root with train/ and val/")
-    demo_train: int = option(2500, "images in the demo's train split")
+    demo_train: int = option(3000, "images in the demo's train split")
     demo_val: int = option(1000, "images in the demo's val split")
-    demo_classes: int = option(10, "classes of the demo: one random glyph each")
+    demo_classes: int = option(20, "classes of the demo: one random glyph each")
     demo_noise: float = option(0.15, "share of the demo's train labels redrawn at random, as real "
                                "labels hold errors (val labels stay true)")
     img_size: int = option(32, "image side, pixels")
