@@ -1,7 +1,7 @@
 """vpl.py - Vision Pair Learning (VPL, arXiv 2112.00965) in one file.
 
 A ViT-B/16 and a ResNet-50 train side by side on the same batches. A pair learning module lets each
-branch learn from its partner in the middle stage of training, so that both end better than alone
+branch learn from its partner until the last stage of training, so that both end better than alone
 (the paper's claim; beyond its abstract, the method is our reconstruction: README, "The method").
 Read it top to bottom: the config, the two branches, the pair learning module, the data, then the
 training loop (`train_epoch`) and the job around it (`run`).
@@ -71,9 +71,9 @@ class Config:
     pair_weight: float = option(0.5, "a: weight of the partner loss in stage 2, in [0, 1]")
     pair_temp: float = option(4.0, "T: distillation temperature, > 0")
     teacher: str = option("partner", "who teaches each branch", ["partner", "pair"])
-    teach: str = option("better", "which samples a teacher teaches: those on which it gives the "
-                        "label more probability than its student, or all", ["better", "always"])
-    stages: str = option("0.1,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
+    teach: str = option("always", "which samples a teacher teaches: all, or those on which it "
+                        "gives the label more probability than its student", ["always", "better"])
+    stages: str = option("0,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
     ramp: float = option(0.05, "fraction of training over which a rises at the start of stage 2")
     # system
     device: str = option("auto", "auto: cuda if there is one", ["auto", "cpu", "cuda"])
@@ -424,9 +424,9 @@ def teacher_is_better(student, teacher, target):
 class PairLoss(nn.Module):
     """Per branch and sample CE(label) + a g * KD(teacher), plus the pair head's CE. With
     teacher='partner' each branch is taught by the other (deep mutual learning, arXiv 1706.00384),
-    with 'pair' the pair head teaches both. g = 1 where the teacher beats its student on the label
-    (teach='better': direction-aware), or everywhere ('always'). Returns the total and the terms."""
-    def __init__(self, temperature=4.0, teacher="partner", label_smoothing=0.0, teach="better"):
+    with 'pair' the pair head teaches both. g = 1 everywhere (teach='always'), or only where the
+    teacher beats its student on the label ('better': direction-aware). Returns total and terms."""
+    def __init__(self, temperature=4.0, teacher="partner", label_smoothing=0.0, teach="always"):
         super().__init__()
         self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
         self.teach = teach
@@ -455,10 +455,10 @@ class PairLoss(nn.Module):
         return total, terms
 
 class PairSchedule:
-    """The three stages as fractions of training, 'S1,S2': 1 warm-up [0, S1), 2 pair [S1, S2),
-    3 solo [S2, 1]. Called with the progress in [0, 1], gives (stage, a): a is 0 outside stage 2
-    and rises linearly from 0 at S1 to `pair_weight` at S1 + ramp."""
-    def __init__(self, stages="0.1,0.8", pair_weight=0.5, ramp=0.05):
+    """The three stages as fractions of training, 'S1,S2': 1 warm-up [0, S1) (empty by default),
+    2 pair [S1, S2), 3 solo [S2, 1]. Called with the progress in [0, 1], gives (stage, a): a is 0
+    outside stage 2 and rises linearly from 0 at S1 to `pair_weight` at S1 + ramp."""
+    def __init__(self, stages="0,0.8", pair_weight=0.5, ramp=0.05):
         try:
             self.s1, self.s2 = (float(s) for s in stages.split(","))
         except ValueError:
