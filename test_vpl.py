@@ -1114,7 +1114,7 @@ def test_forward_is_features_then_head_as_timms():
     with torch.no_grad():
         tokens, fmap = vit.forward_features(x), cnn.forward_features(x)
         assert tokens.shape == (2, 1 + 8 * 8, vit.num_features) and vit.num_features == 128
-        assert fmap.shape == (2, cnn.num_features, 2, 2) and cnn.num_features == 512  # 32 px / 16
+        assert fmap.shape == (2, cnn.num_features, 2, 2) and cnn.num_features == 256  # 32 x width 8; 32 px / 16
         normed = (tokens - vit.norm.bias) / vit.norm.weight  # every token, not only cls, went through the norm
         assert normed.mean(-1).abs().max() < 1e-4 and (normed.var(-1, unbiased=False) - 1).abs().max() < 1e-3
         for model, features, pooled in ((vit, tokens, tokens[:, 0]), (cnn, fmap, fmap.mean((2, 3)))):

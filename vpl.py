@@ -366,8 +366,8 @@ def resnet50(num_classes=1000):
     return ResNet((3, 4, 6, 3), num_classes)
 
 def resnet_tiny(num_classes=10):
-    """A narrow ResNet of the same Bottleneck, one block per stage, 3x3 stem: 32 px on the CPU."""
-    return ResNet((1, 1, 1, 1), num_classes, width=16, small_stem=True)
+    """A narrow ResNet (width 8) of the same Bottleneck, one block per stage, 3x3 stem: 32 px."""
+    return ResNet((1, 1, 1, 1), num_classes, width=8, small_stem=True)
 
 def build_branch(name, num_classes, img_size, drop_path):
     """One branch by its --vit/--cnn name; only a ViT takes the image size and drop-path rate."""
@@ -1285,8 +1285,8 @@ def describe(job, resume):
     rules = {"AdamW": f"AdamW, {cfg.lr_vit} per 512", "SGD": f"SGD, {cfg.lr_cnn} per 1024"}
     job.log(f"lr: {cfg.vit} {vit_peak:.3g} ({rules[type(vit_opt).__name__]}), {cfg.cnn} "
             f"{cnn_peak:.3g} ({rules[type(cnn_opt).__name__]}); warm-up {warmup:g} epochs, cosine")
-    job.log(f"stages: 1 warm-up epochs [0, {s1:g}), 2 pair [{s1:g}, {s2:g}) with a -> "
-            f"{cfg.pair_weight}, 3 solo [{s2:g}, {cfg.epochs}]")
+    job.log("stages, in epochs: " + (f"1 warm-up [0, {s1:g}), " if s1 else "") +
+            f"2 pair [{s1:g}, {s2:g}) with a -> {cfg.pair_weight}, 3 solo [{s2:g}, {cfg.epochs}]")
 
 def run(cfg):
     """The whole job, in each process. Returns the exit code: 0, or 3 when training cannot go on."""
