@@ -1219,7 +1219,7 @@ def test_one_backward_gives_each_branch_the_gradient_of_its_own_loss(teacher):
 
 
 @pytest.mark.parametrize("teacher", ["partner", "pair"])
-@pytest.mark.parametrize("teach", ["better", "always"])
+@pytest.mark.parametrize("teach", ["better", "always", "ahead"])
 def test_pair_loss_terms_and_total_match_hand_computation(teacher, teach):
     torch.manual_seed(0)
     out = {k: torch.randn(16, 10) for k in ("vit", "cnn", "pair")}
@@ -1227,16 +1227,20 @@ def test_pair_loss_terms_and_total_match_hand_computation(teacher, teach):
     total, terms = vpl.PairLoss(T, teacher, 0.1, teach)(out, target, a)
     by = {"vit": "cnn", "cnn": "vit"} if teacher == "partner" else {"vit": "pair", "cnn": "pair"}
     onehot = F.one_hot(target, 10).tolist()
-    taught = {b: better_by_hand(out[b].tolist(), out[by[b]].tolist(), onehot) if teach == "better" else [1.0] * 16
-              for b in ("vit", "cnn")}
-    kd = {b: kd_by_hand(out[b].tolist(), out[by[b]].tolist(), T, taught[b]) for b in ("vit", "cnn")}
     ce = {b: F.cross_entropy(out[b], target, label_smoothing=0.1, reduction="none").tolist()
           for b in ("vit", "cnn", "pair")}
+    gates = {"always": lambda b: [1.0] * 16,
+             "better": lambda b: better_by_hand(out[b].tolist(), out[by[b]].tolist(), onehot),
+             "ahead": lambda b: [float(sum(ce[by[b]]) < sum(ce[b]))] * 16}  # the whole batch, or none of it
+    taught = {b: gates[teach](b) for b in ("vit", "cnn")}
+    if teach == "ahead" and teacher == "partner":  # of two partners, exactly one is ahead: it teaches
+        assert sorted([sum(taught["vit"]), sum(taught["cnn"])]) == [0.0, 16.0]
+    kd = {b: kd_by_hand(out[b].tolist(), out[by[b]].tolist(), T, taught[b]) for b in ("vit", "cnn")}
     for b in ("vit", "cnn"):
         assert terms[f"{b}_kd"].item() == pytest.approx(kd[b], rel=1e-5)
         assert terms[f"{b}_ce"].item() == pytest.approx(sum(ce[b]) / 16, rel=1e-5)
         assert terms[f"{b}_taught"].item() == pytest.approx(sum(taught[b]) / 16)
-    assert teach == "always" or 0 < sum(taught["vit"]) < 16  # the gate both keeps and drops samples
+    assert teach != "better" or 0 < sum(taught["vit"]) < 16  # the gate both keeps and drops samples
     # per sample: CE + a g KD, g the gate; a sample not taught learns from its label alone
     by_hand = sum(c + a * g * kd_by_hand([s], [t], T)
                   for b in ("vit", "cnn")

@@ -71,8 +71,9 @@ class Config:
     pair_weight: float = option(0.5, "a: weight of the partner loss in stage 2, in [0, 1]")
     pair_temp: float = option(4.0, "T: distillation temperature, > 0")
     teacher: str = option("partner", "who teaches each branch", ["partner", "pair"])
-    teach: str = option("always", "which samples a teacher teaches: all, or those on which it "
-                        "gives the label more probability than its student", ["always", "better"])
+    teach: str = option("always", "which samples a teacher teaches: all; those on which it gives the "
+                        "label more probability than its student (better); the whole batch if its "
+                        "mean CE is lower than the student's (ahead)", ["always", "better", "ahead"])
     stages: str = option("0,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
     ramp: float = option(0.05, "fraction of training over which a rises at the start of stage 2")
     # system
@@ -424,8 +425,9 @@ def teacher_is_better(student, teacher, target):
 class PairLoss(nn.Module):
     """Per branch and sample CE(label) + a g * KD(teacher), plus the pair head's CE. With
     teacher='partner' each branch is taught by the other (deep mutual learning, arXiv 1706.00384),
-    with 'pair' the pair head teaches both. g = 1 everywhere (teach='always'), or only where the
-    teacher beats its student on the label ('better': direction-aware). Returns total and terms."""
+    with 'pair' the pair head teaches both. g = 1 everywhere (teach='always'), only where the
+    teacher beats its student on the label ('better'), or on the whole batch while the teacher's
+    mean CE is the lower ('ahead': the branch ahead teaches). Returns total and terms."""
     def __init__(self, temperature=4.0, teacher="partner", label_smoothing=0.0, teach="always"):
         super().__init__()
         self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
@@ -436,22 +438,23 @@ class PairLoss(nn.Module):
             return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing,
                                    reduction="none")
 
-        partner = self.teacher == "partner"
-        teachers = {"vit": out["cnn"] if partner else out["pair"],
-                    "cnn": out["vit"] if partner else out["pair"]}
-        pair_ce = ce(out["pair"]).mean()
-        terms, total = {}, pair_ce
-        for b, teacher in teachers.items():  # b: the branch taught
-            ce_each = ce(out[b])
-            taught = teacher_is_better(out[b], teacher, target) if self.teach == "better" else \
-                torch.ones_like(ce_each)
-            terms[f"{b}_ce"] = ce_each.mean()
-            terms[f"{b}_kd"] = kd_loss(out[b], teacher, self.temperature, taught)
+        by = {"vit": "cnn", "cnn": "vit"} if self.teacher == "partner" else \
+            {"vit": "pair", "cnn": "pair"}  # branch taught: its teacher
+        ces = {k: ce(z) for k, z in out.items()}
+        terms, total = {}, ces["pair"].mean()
+        for b, t in by.items():
+            taught = torch.ones_like(ces[b])
+            if self.teach == "better":
+                taught = teacher_is_better(out[b], out[t], target)
+            elif self.teach == "ahead":  # one gate for the batch: who has the lower loss on it
+                taught = taught * (ces[t].mean() < ces[b].mean()).detach().float()
+            terms[f"{b}_ce"] = ces[b].mean()
+            terms[f"{b}_kd"] = kd_loss(out[b], out[t], self.temperature, taught)
             terms[f"{b}_taught"] = taught.mean()  # the fraction of the batch taught
             total = total + terms[f"{b}_ce"]
             if a > 0:  # added to the label's CE, not in its place: the student keeps it whole
                 total = total + a * terms[f"{b}_kd"]  # left out at a = 0: a NaN partner stays out
-        terms["pair_ce"] = pair_ce
+        terms["pair_ce"] = ces["pair"].mean()
         return total, terms
 
 class PairSchedule:
