@@ -71,9 +71,9 @@ class Config:
     pair_weight: float = option(0.5, "a: weight of the partner loss in stage 2, in [0, 1]")
     pair_temp: float = option(4.0, "T: distillation temperature, > 0")
     teacher: str = option("partner", "who teaches each branch", ["partner", "pair"])
-    teach: str = option("always", "which samples a teacher teaches: all; those on which it gives the "
-                        "label more probability than its student (better); the whole batch if its "
-                        "mean CE is lower than the student's (ahead)", ["always", "better", "ahead"])
+    teach: str = option("always", "which samples a teacher teaches: all; those on which it gives "
+                        "the label more probability than its student (better); the whole batch "
+                        "if its mean CE is the lower (ahead)", ["always", "better", "ahead"])
     stages: str = option("0,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
     ramp: float = option(0.05, "fraction of training over which a rises at the start of stage 2")
     # system
