@@ -717,7 +717,7 @@ def test_init_torchvision_without_network_is_one_line(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("poisoned,terms", [
-    ("vit", "vit_ce, vit_kd, cnn_kd"),  # the ViT's logits, and through them the CNN's teacher
+    ("vit", "vit_ce, vit_kd"),  # the ViT's logits; its teacher, the pair head, reads detached features
     ("vit,cnn,pair", "vit_ce, vit_kd, cnn_ce, cnn_kd, pair_ce")])  # every term, each named
 def test_a_nonfinite_loss_stops_naming_its_terms_and_keeps_the_checkpoint(reference_run, tmp_path, monkeypatch,
                                                                            poisoned, terms):
@@ -1386,7 +1386,7 @@ def test_at_pair_weight_zero_a_nan_vit_leaves_the_cnns_gradient_finite():
         pair.vit.head.weight.fill_(float("nan"))
     cnn = list(pair.cnn.parameters())
     for a, finite in ((0.0, True), (0.2, False)):  # with a > 0 the ViT teaches the CNN: NaN is passed on
-        total, _ = vpl.PairLoss()(pair(torch.randn(4, 3, 32, 32)), target, a)
+        total, _ = vpl.PairLoss(teacher="partner")(pair(torch.randn(4, 3, 32, 32)), target, a)
         assert all(g.isfinite().all() for g in grads(total, cnn)) == finite, a
 
 

@@ -1,8 +1,9 @@
 """vpl.py - Vision Pair Learning (VPL, arXiv 2112.00965) in one file.
 
 A ViT-B/16 and a ResNet-50 train side by side on the same batches. A pair learning module lets each
-branch learn from its partner until the last stage of training, so that both end better than alone
-(the paper's claim; beyond its abstract, the method is our reconstruction: README, "The method").
+branch learn from its partner (through a pair head that combines both) until the last stage of
+training, so that both end better than alone (the paper's claim; beyond its abstract, the method is
+our reconstruction: README, "The method").
 Read it top to bottom: the config, the two branches, the pair learning module, the data, then the
 training loop (`train_epoch`) and the job around it (`run`).
 
@@ -70,7 +71,8 @@ class Config:
     # pair learning
     pair_weight: float = option(0.5, "a: weight of the partner loss in stage 2, in [0, 1]")
     pair_temp: float = option(4.0, "T: distillation temperature, > 0")
-    teacher: str = option("partner", "who teaches each branch", ["partner", "pair"])
+    teacher: str = option("pair", "who teaches each branch: the pair head, which combines both "
+                          "branches, or the partner", ["pair", "partner"])
     teach: str = option("always", "which samples a teacher teaches: all; those on which it gives "
                         "the label more probability than its student (better); the whole batch "
                         "if its mean CE is the lower (ahead)", ["always", "better", "ahead"])
@@ -424,11 +426,11 @@ def teacher_is_better(student, teacher, target):
 
 class PairLoss(nn.Module):
     """Per branch and sample CE(label) + a g * KD(teacher), plus the pair head's CE. With
-    teacher='partner' each branch is taught by the other (deep mutual learning, arXiv 1706.00384),
-    with 'pair' the pair head teaches both. g = 1 everywhere (teach='always'), only where the
-    teacher beats its student on the label ('better'), or on the whole batch while the teacher's
-    mean CE is the lower ('ahead': the branch ahead teaches). Returns total and terms."""
-    def __init__(self, temperature=4.0, teacher="partner", label_smoothing=0.0, teach="always"):
+    teacher='pair' the pair head teaches both (an ensemble teacher, as in arXiv 1806.04606); with
+    'partner' each branch is taught by the other (deep mutual learning, arXiv 1706.00384). g = 1
+    everywhere (teach='always'), only where the teacher beats its student on the label ('better'),
+    or on the whole batch while the teacher's mean CE is lower ('ahead'). Returns total, terms."""
+    def __init__(self, temperature=4.0, teacher="pair", label_smoothing=0.0, teach="always"):
         super().__init__()
         self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
         self.teach = teach
