@@ -443,20 +443,21 @@ class PairLoss(nn.Module):
         by = {"vit": "cnn", "cnn": "vit"} if self.teacher == "partner" else \
             {"vit": "pair", "cnn": "pair"}  # branch taught: its teacher
         ces = {k: ce(z) for k, z in out.items()}
-        terms, total = {}, ces["pair"].mean()
+        pair_ce = ces["pair"].mean()
+        terms, total = {}, pair_ce
         for b, t in by.items():
             taught = torch.ones_like(ces[b])
             if self.teach == "better":
                 taught = teacher_is_better(out[b], out[t], target)
             elif self.teach == "ahead":  # one gate for the batch: who has the lower loss on it
-                taught = taught * (ces[t].mean() < ces[b].mean()).detach().float()
+                taught = (ces[t].mean() < ces[b].mean()).float().expand_as(ces[b])
             terms[f"{b}_ce"] = ces[b].mean()
             terms[f"{b}_kd"] = kd_loss(out[b], out[t], self.temperature, taught)
             terms[f"{b}_taught"] = taught.mean()  # the fraction of the batch taught
             total = total + terms[f"{b}_ce"]
             if a > 0:  # added to the label's CE, not in its place: the student keeps it whole
                 total = total + a * terms[f"{b}_kd"]  # left out at a = 0: a NaN partner stays out
-        terms["pair_ce"] = ces["pair"].mean()
+        terms["pair_ce"] = pair_ce
         return total, terms
 
 class PairSchedule:
