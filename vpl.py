@@ -23,9 +23,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 # ---------------------------------------------------------------------------------------- config
-def option(default, help, choices=None):
-    """A Config field that becomes a command-line flag with this help text."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+INF = math.inf
+
+def option(default, help, choices=None, low=0, high=INF):
+    """A Config field that becomes a command-line flag; a number must be finite, in [low, high]."""
+    return field(default=default, metadata=dict(help=help, choices=choices, bounds=(low, high)))
 
 @dataclass
 class Config:
@@ -34,26 +36,26 @@ class Config:
                          ["", "demo", "imagenet"])
     # data
     data: str = option("demo", "'demo' (built in) or an ImageFolder root with train/ and val/")
-    demo_train: int = option(3000, "images in the demo's train split")
-    demo_val: int = option(1000, "images in the demo's val split")
-    demo_classes: int = option(20, "classes of the demo: one random glyph each")
+    demo_train: int = option(3000, "images in the demo's train split", low=1)
+    demo_val: int = option(1000, "images in the demo's val split", low=1)
+    demo_classes: int = option(20, "classes of the demo: one random glyph each", low=2)
     demo_noise: float = option(0.15, "share of the demo's train labels redrawn at random, as real "
-                               "labels hold errors (val labels stay true)")
-    img_size: int = option(32, "image side, pixels")
+                               "labels hold errors (val labels stay true)", high=1)
+    img_size: int = option(32, "image side, pixels", low=1)
     workers: int = option(2, "data loading workers per training process")
     # models
     vit: str = option("vit_tiny", "transformer branch", ["vit_tiny", "vit_b_16"])
     cnn: str = option("resnet_tiny", "partner branch (a ViT gives the ViT+ViT ablation)",
                       ["resnet_tiny", "resnet50", "vit_tiny", "vit_b_16"])
-    drop_path: float = option(0.1, "stochastic depth rate of each ViT's last block")
+    drop_path: float = option(0.1, "stochastic depth rate of each ViT's last block", high=0.999)
     init: str = option("", "'torchvision': start from torchvision's ImageNet weights",
                        ["", "torchvision"])
     init_vit: str = option("", "ViT weights to start from (timm/DeiT, torchvision, vpl last.pt)")
     init_cnn: str = option("", "ResNet weights to start from (torchvision, vpl last.pt)")
     # optimization
-    epochs: int = option(20, "training epochs")
-    batch_size: int = option(128, "images per process per micro-step")
-    accum_steps: int = option(1, "micro-steps per optimizer step")
+    epochs: int = option(20, "training epochs", low=1)
+    batch_size: int = option(128, "images per process per micro-step", low=2)
+    accum_steps: int = option(1, "micro-steps per optimizer step", low=1)
     lr_vit: float = option(4e-3, "AdamW peak lr per 512 images of global batch")
     lr_cnn: float = option(2.0, "SGD peak lr per 1024 images of global batch")
     min_lr_vit: float = option(1e-5, "AdamW lr at the end of the cosine")
@@ -61,35 +63,38 @@ class Config:
     wd_cnn: float = option(5e-5, "SGD weight decay")
     warmup_epochs: float = option(1.0, "linear lr warm-up, epochs")
     clip_grad: float = option(0.0, "max gradient norm of each branch and the pair head (0: off)")
-    label_smoothing: float = option(0.1, "label smoothing of every cross-entropy")
+    label_smoothing: float = option(0.1, "label smoothing of every cross-entropy", high=0.999)
     mixup: float = option(0.0, "MixUp alpha (0: off)")
     cutmix: float = option(0.0, "CutMix alpha (0: off)")
-    randaug: int = option(0, "RandAugment magnitude, 0-10 (DeiT's 'rand-m9' is 9; 0: off)")
-    repeat_aug: int = option(1, "repeated augmentation: N copies of 1/N of the images an epoch")
-    reprob: float = option(0.0, "RandomErasing probability")
-    ema: float = option(0.0, "EMA decay per step of the whole pair (0: off)")
+    randaug: int = option(0, "RandAugment magnitude, 0-10 (DeiT's 'rand-m9' is 9; 0: off)", high=10)
+    repeat_aug: int = option(1, "repeated augmentation: N copies of 1/N of the images an epoch",
+                             low=1)
+    reprob: float = option(0.0, "RandomErasing probability", high=1)
+    ema: float = option(0.0, "EMA decay per step of the whole pair (0: off)", high=0.999999)
     # pair learning
-    pair_weight: float = option(0.5, "a: weight of the partner loss in stage 2, in [0, 1]")
-    pair_temp: float = option(4.0, "T: distillation temperature, > 0")
+    pair_weight: float = option(0.5, "a: weight of the partner loss in stage 2, in [0, 1]",
+                               high=1)
+    pair_temp: float = option(4.0, "T: distillation temperature, > 0", low=0.01, high=100)
     teacher: str = option("pair", "who teaches each branch: the pair head, which combines both "
                           "branches, or the partner", ["pair", "partner"])
     teach: str = option("always", "which samples a teacher teaches: all; those on which it gives "
                         "the label more probability than its student (better); the whole batch "
                         "if its mean CE is the lower (ahead)", ["always", "better", "ahead"])
     stages: str = option("0,0.8", "S1,S2: stage 2 spans [S1, S2) of training, fractions")
-    ramp: float = option(0.05, "fraction of training over which a rises at the start of stage 2")
+    ramp: float = option(0.05, "fraction of training over which a rises at the start of stage 2",
+                         high=1)
     # system
     device: str = option("auto", "auto: cuda if there is one", ["auto", "cpu", "cuda"])
     amp: str = option("auto", "autocast dtype (auto: bf16 on CUDA, off on the CPU)",
                       ["auto", "off", "bf16", "fp16"])
     compile: str = option("auto", "torch.compile the pair (auto: on CUDA)", ["auto", "on", "off"])
     sync_bn: bool = option(False, "SyncBatchNorm in the CNN (several GPUs)")
-    seed: int = option(0, "seed of everything: data, init, augmentation")
+    seed: int = option(0, "seed of everything: data, init, augmentation", high=2 ** 32 - 1)
     out: str = option("", "output folder (default runs/<preset>)")
     resume: bool = option(False, "continue from <out>/last.pt if there is one (torchrun restarts)")
     eval_only: bool = option(False, "evaluate <out>/last.pt and exit")
     bench: bool = option(False, "measure training throughput on synthetic batches and exit")
-    log_every: int = option(50, "optimizer steps between progress lines (host syncs)")
+    log_every: int = option(50, "optimizer steps between progress lines (host syncs)", low=1)
     max_steps: int = option(0, "stop and save after this many optimizer steps (0: no limit)")
 
 PRESETS = {
@@ -99,18 +104,6 @@ PRESETS = {
                      lr_vit=5e-4, lr_cnn=0.5, wd_cnn=2e-5, warmup_epochs=5.0, mixup=0.8,
                      cutmix=1.0, randaug=9, reprob=0.25, repeat_aug=3),
 }
-# Each numeric flag's range [low, high]; every value must also be finite. A batch of 2 at least:
-# training BatchNorm needs two values per channel.
-INF = math.inf
-BOUNDS = {"epochs": (1, INF), "batch_size": (2, INF), "accum_steps": (1, INF), "img_size": (1, INF),
-          "demo_train": (1, INF), "demo_val": (1, INF), "demo_classes": (2, INF),
-          "repeat_aug": (1, INF), "log_every": (1, INF), "max_steps": (0, INF), "workers": (0, INF),
-          "lr_vit": (0, INF), "lr_cnn": (0, INF), "min_lr_vit": (0, INF), "wd_vit": (0, INF),
-          "wd_cnn": (0, INF), "warmup_epochs": (0, INF), "clip_grad": (0, INF), "mixup": (0, INF),
-          "cutmix": (0, INF), "randaug": (0, 10), "reprob": (0, 1), "seed": (0, 2 ** 32 - 1),
-          "pair_weight": (0, 1), "ramp": (0, 1), "label_smoothing": (0, 0.999),
-          "drop_path": (0, 0.999), "ema": (0, 0.999999), "pair_temp": (0.01, 100),
-          "demo_noise": (0, 1)}
 
 class UserError(Exception):
     """Bad input: main() prints it as one line and exits with code 2, without a traceback."""
@@ -142,8 +135,11 @@ def parse_config(argv=None):
 
 def check_config(cfg):
     """Raises a UserError naming the first flag whose value makes no sense."""
-    for name, (low, high) in BOUNDS.items():
-        value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+    for f in fields(Config):
+        (low, high), value = f.metadata["bounds"], getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if type(value) not in (int, float):  # a bool or a string has no range
+            continue
         if not math.isfinite(value):  # NaN would pass the comparison below
             raise UserError(f"{flag} must be a finite number, got {value}")
         if not low <= value <= high:
