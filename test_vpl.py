@@ -677,6 +677,8 @@ def bad_input(tmp_path_factory, reference_run):  # a fixture: the unit tests' ra
                                         ["--resume", "--out", str(other), "--demo-train", "200"]),
         "resume on more demo classes": ("made with classes 10, not 20",
                                         ["--resume", "--out", str(other), "--demo-classes", "20"]),
+        "resume on other demo labels": ("made with demo noise 0.15, not 0.3",
+                                        ["--resume", "--out", str(other), "--demo-noise", "0.3"]),
         "resume in another number of processes": ("made with world 2, not 1",
                                                   ["--resume", "--out", str(d / "two_processes")]),
         "resume with fewer epochs": ("last.pt has trained 24 steps, more than --epochs 1 hold (12)",

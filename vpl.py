@@ -997,7 +997,7 @@ def evaluate_pair(job):
 # What a checkpoint must share with a run that loads it: the weights' shapes; to train on, also
 # the data order and the steps that the resumed run continues.
 SAME_WEIGHTS = ("vit", "cnn", "img_size", "classes")
-SAME_ORDER = ("seed", "repeat_aug", "train_images", "global_batch", "world")
+SAME_ORDER = ("seed", "repeat_aug", "train_images", "global_batch", "world", "demo_noise")
 
 def save_checkpoint(job, path, history):
     """Every part's state, the run's setup, its epoch records and every rank's RNG state, written
@@ -1033,9 +1033,10 @@ def load_state(job, path, resume):
         raise UserError(f"{path}: not a checkpoint of vpl.py")
     demo = ("seed",) if job.cfg.data == "demo" else ()  # the demo's seed draws its classes
     for key in (SAME_WEIGHTS + (SAME_ORDER if train else demo)) if resume else ():
-        if ckpt["made"][key] != job.made[key]:
-            raise UserError(f"{path} was made with {key.replace('_', ' ')} {ckpt['made'][key]}, "
-                            f"not {job.made[key]}")
+        made = ckpt["made"].get(key)  # None: a checkpoint older than the check
+        if made != job.made[key]:
+            raise UserError(f"{path} was made with {key.replace('_', ' ')} {made}, not "
+                            f"{job.made[key]}")
     for name, part in parts_to_save(job).items():
         if ckpt.get(name) and (train or name == "model"):  # fp32's GradScaler state is empty
             flags = [{k: v for k, v in g.items() if k != "params"} for g in
@@ -1255,7 +1256,8 @@ def build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_class
     global_batch = cfg.batch_size * cfg.accum_steps * world
     made = {"vit": cfg.vit, "cnn": cfg.cnn, "img_size": cfg.img_size, "classes": num_classes,
             "seed": cfg.seed, "repeat_aug": cfg.repeat_aug, "train_images": len(train_set),
-            "global_batch": global_batch, "world": world}
+            "global_batch": global_batch, "world": world,
+            "demo_noise": cfg.demo_noise if cfg.data == "demo" else None}  # the demo's labels
     job = Job(cfg, rank, world, device, amp_dtype, pair.to(device),
               PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing, cfg.teach),
               PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp),
