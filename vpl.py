@@ -1308,8 +1308,7 @@ def run(cfg):
         train_set, val_set, num_classes = build_datasets(cfg)
         job = build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_classes, log)
         history = load_state(job, ckpt_path, resume).get("history", [])  # one record an epoch
-        # PHASE 3: wrap for DDP, then compile, as PyTorch's DDP notes say -------------------------
-        # (docs/stable/notes/ddp.html): DDPOptimizer splits the graph at bucket boundaries
+        # PHASE 3: DDP, then compile (PyTorch's notes/ddp.html: it splits at DDP's buckets) --------
         job.model = DDP(job.pair, device_ids=[device.index] if device.index is not None else None) \
             if world > 1 else job.pair
         job.model = torch.compile(job.model) if compile_ else job.model
