@@ -679,6 +679,8 @@ def bad_input(tmp_path_factory, reference_run):  # a fixture: the unit tests' ra
                                         ["--resume", "--out", str(other), "--demo-classes", "20"]),
         "resume on other demo labels": ("made with demo noise 0.15, not 0.3",
                                         ["--resume", "--out", str(other), "--demo-noise", "0.3"]),
+        "resume on another demo val split": ("made with demo val 100, not 50",  # it redraws the train images
+                                             ["--resume", "--out", str(other), "--demo-val", "50"]),
         "resume in another number of processes": ("made with world 2, not 1",
                                                   ["--resume", "--out", str(d / "two_processes")]),
         "resume with fewer epochs": ("last.pt has trained 24 steps, more than --epochs 1 hold (12)",
@@ -1128,6 +1130,28 @@ def test_forward_is_features_then_head_as_timms():
         expected = pair.pair_head(vit.forward_head(tokens, pre_logits=True), cnn.forward_head(fmap, pre_logits=True))
         assert torch.allclose(out["pair"], expected, atol=1e-5) and torch.allclose(out["cnn"], cnn(x), atol=1e-5)
         assert torch.equal(out["vit"], vit(x))
+
+
+
+def test_the_pair_head_reads_timms_pre_logits_width_where_a_head_has_a_hidden_layer():
+    # timm's models with a hidden head layer (MobileNetV3, say) give pre_logits of head_hidden_size, not num_features
+    class HiddenHead(nn.Module):  # a stand-in of that contract: 6 features, a 12-wide hidden layer, 10 classes
+        num_features, head_hidden_size = 6, 12
+
+        def __init__(self):
+            super().__init__()
+            self.conv, self.hidden, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6, 12), nn.Linear(12, 10)
+
+        def forward_features(self, x):
+            return self.conv(x)
+
+        def forward_head(self, x, pre_logits=False):
+            x = self.hidden(x.mean((2, 3)))
+            return x if pre_logits else self.fc(x)
+
+    pair = vpl.PairModel(vpl.vit_tiny(), HiddenHead(), 10)
+    assert pair.pair_head.fc.in_features == 128 + 12
+    assert pair(torch.randn(2, 3, 32, 32))["pair"].shape == (2, 10)
 
 
 # ------------------------------------------------------------------------------- pair learning

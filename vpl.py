@@ -394,7 +394,9 @@ class PairModel(nn.Module):
     def __init__(self, vit, cnn, num_classes):
         super().__init__()
         self.vit, self.cnn = vit, cnn
-        self.pair_head = PairHead(vit.num_features, cnn.num_features, num_classes)
+        # pre_logits' width: timm's head_hidden_size where its head has a hidden layer
+        dims = [getattr(m, "head_hidden_size", m.num_features) for m in (vit, cnn)]
+        self.pair_head = PairHead(*dims, num_classes)
 
     def forward(self, x):
         f_vit = self.vit.forward_features(x)
@@ -424,8 +426,8 @@ class PairLoss(nn.Module):
     """Per branch and sample CE(label) + a g * KD(teacher), plus the pair head's CE. With
     teacher='pair' the pair head teaches both (an ensemble teacher, as in arXiv 1806.04606); with
     'partner' each branch is taught by the other (deep mutual learning, arXiv 1706.00384). g = 1
-    everywhere (teach='always'), only where the teacher beats its student on the label ('better'),
-    or on the whole batch while the teacher's mean CE is lower ('ahead'). Returns total, terms."""
+    everywhere ('always'), only where the teacher beats its student on the label ('better'), or on
+    this process's batch while the teacher's mean CE on it is lower ('ahead'). -> total, terms"""
     def __init__(self, temperature=4.0, teacher="pair", label_smoothing=0.0, teach="always"):
         super().__init__()
         self.temperature, self.teacher, self.label_smoothing = temperature, teacher, label_smoothing
@@ -997,7 +999,8 @@ def evaluate_pair(job):
 # What a checkpoint must share with a run that loads it: the weights' shapes; to train on, also
 # the data order and the steps that the resumed run continues.
 SAME_WEIGHTS = ("vit", "cnn", "img_size", "classes")
-SAME_ORDER = ("seed", "repeat_aug", "train_images", "global_batch", "world", "demo_noise")
+SAME_ORDER = ("seed", "repeat_aug", "train_images", "global_batch", "world", "demo_val",
+              "demo_noise")
 
 def save_checkpoint(job, path, history):
     """Every part's state, the run's setup, its epoch records and every rank's RNG state, written
@@ -1039,11 +1042,12 @@ def load_state(job, path, resume):
                             f"{job.made[key]}")
     for name, part in parts_to_save(job).items():
         if ckpt.get(name) and (train or name == "model"):  # fp32's GradScaler state is empty
-            flags = [{k: v for k, v in g.items() if k != "params"} for g in
-                     getattr(part, "param_groups", [])]  # an optimizer's: this run's flags
+            # an optimizer's saved state with this run's flags (weight decay, fused), set before
+            # loading: fused AdamW needs its step counts on the parameters' device
+            for saved, own in zip(ckpt[name].get("param_groups", []),
+                                  getattr(part, "param_groups", [])):
+                saved.update({k: v for k, v in own.items() if k != "params"})
             part.load_state_dict(ckpt[name])
-            for group, own in zip(getattr(part, "param_groups", []), flags):
-                group.update(own)  # the saved state, this run's weight decay (and fused or not)
     if "ema" in ckpt or (job.cfg.ema > 0 and train):  # a new EMA starts from the resumed weights
         job.ema = copy.deepcopy(job.pair).requires_grad_(False)
         job.ema.load_state_dict(ckpt.get("ema", job.pair.state_dict()))
@@ -1256,8 +1260,9 @@ def build_job(cfg, rank, world, device, amp_dtype, train_set, val_set, num_class
     global_batch = cfg.batch_size * cfg.accum_steps * world
     made = {"vit": cfg.vit, "cnn": cfg.cnn, "img_size": cfg.img_size, "classes": num_classes,
             "seed": cfg.seed, "repeat_aug": cfg.repeat_aug, "train_images": len(train_set),
-            "global_batch": global_batch, "world": world,
-            "demo_noise": cfg.demo_noise if cfg.data == "demo" else None}  # the demo's labels
+            "global_batch": global_batch, "world": world}
+    for key in ("demo_val", "demo_noise"):  # the demo draws train and val images in one go
+        made[key] = getattr(cfg, key) if cfg.data == "demo" else None
     job = Job(cfg, rank, world, device, amp_dtype, pair.to(device),
               PairLoss(cfg.pair_temp, cfg.teacher, cfg.label_smoothing, cfg.teach),
               PairSchedule(cfg.stages, cfg.pair_weight, cfg.ramp),
