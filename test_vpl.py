@@ -263,7 +263,7 @@ def test_run_logs_every_field_and_draws_the_chart(reference_run):
     assert all(t.is_contiguous() for t in exported.values())                # safetensors takes only these
     ckpt = checkpoint(out)
     assert ckpt["made"] == {"vit": "vit_tiny", "cnn": "resnet_tiny", "img_size": 32, "classes": 10, "seed": 0,
-                            "repeat_aug": 1, "train_images": 384, "global_batch": 32, "world": 1}
+                            "repeat_aug": 1, "train_images": 384, "global_batch": 32, "world": 1, "demo_val": 100, "demo_noise": 0.15}
     assert ckpt["step"] == 24 and len(ckpt["rng"]) == 1 and "ema" not in ckpt
 
 
