@@ -54,7 +54,7 @@ class Config:
     init_cnn: str = option("", "ResNet weights to start from (torchvision, vpl last.pt)")
     # optimization
     epochs: int = option(20, "training epochs", low=1)
-    batch_size: int = option(128, "images per process per micro-step", low=2)
+    batch_size: int = option(128, "images per process per micro-step", low=2)  # BatchNorm: 2+
     accum_steps: int = option(1, "micro-steps per optimizer step", low=1)
     lr_vit: float = option(4e-3, "AdamW peak lr per 512 images of global batch")
     lr_cnn: float = option(2.0, "SGD peak lr per 1024 images of global batch")
@@ -137,9 +137,9 @@ def check_config(cfg):
     """Raises a UserError naming the first flag whose value makes no sense."""
     for f in fields(Config):
         (low, high), value = f.metadata["bounds"], getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
         if type(value) not in (int, float):  # a bool or a string has no range
             continue
+        flag = "--" + f.name.replace("_", "-")
         if not math.isfinite(value):  # NaN would pass the comparison below
             raise UserError(f"{flag} must be a finite number, got {value}")
         if not low <= value <= high:
